@@ -1,0 +1,1 @@
+"""Mimi, the streaming neural audio codec (24 kHz audio <-> 12.5 Hz discrete codes)."""

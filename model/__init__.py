@@ -1,0 +1,1 @@
+"""The Moshi language model, its generation loop and the shared transformer blocks."""
