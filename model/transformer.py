@@ -184,6 +184,7 @@ class TransformerState:
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.chunk_arange = torch.arange(chunk_size, dtype=torch.long, device=device)
+        self.batch_rows = torch.arange(batch_size, dtype=torch.long, device=device)[:, None]
         self.steps_since_full_reset = 0
 
     def reset(self, mask: torch.Tensor) -> None:
@@ -206,6 +207,7 @@ class _StepContext:
     """What every layer of one forward call shares: where to write, what to see, how to rotate."""
 
     positions: torch.Tensor  # [B, T] time step of each new entry
+    batch_rows: torch.Tensor  # [B, 1] slot index of each row
     write_index: torch.Tensor  # [B, T] ring indices of the new steps
     mask: torch.Tensor  # [B, 1, T, C]
     rope: tuple[torch.Tensor, torch.Tensor] | None
@@ -239,9 +241,11 @@ class StreamingAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, T, Dh]
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
-        index = ctx.write_index[:, None, :, None].expand_as(k)  # [B, H, T, Dh]
-        keys.scatter_(2, index, k)
-        values.scatter_(2, index, v)
+        # Write through a [B, C, H, Dh] view: index_put_ touches only the new rows (scatter_ on
+        # CPU bfloat16 copies the whole ring).
+        where = (ctx.batch_rows, ctx.write_index)  # [B, 1], [B, T]
+        keys.transpose(1, 2).index_put_(where, k.transpose(1, 2))
+        values.transpose(1, 2).index_put_(where, v.transpose(1, 2))
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask)  # [B, H, T, Dh]
         out = out.transpose(1, 2).reshape(batch, steps, self.config.d_model)
         return _per_step_linear(out, self.out_projs, self.config, ctx.first_step)
@@ -358,6 +362,6 @@ class StreamingTransformer(nn.Module):
         rope = None
         if self.config.positional_embedding == "rope":
             rope = rope_rotation(positions, self.config.head_dim, self.config.max_period)
-        return _StepContext(positions=positions, write_index=write_index,
+        return _StepContext(positions=positions, batch_rows=state.batch_rows, write_index=write_index,
                             mask=attention_mask(positions, state.positions, self.config.context),
                             rope=rope, first_step=state.steps_since_full_reset)

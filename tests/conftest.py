@@ -11,6 +11,13 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("DUPLEX_FIXTURES", REPO.parent / "shared" / "fixtures"))
 
 
+def pytest_configure(config) -> None:
+    # The tiny models are dominated by per-op overhead: a second OpenMP thread only adds hand-offs.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
