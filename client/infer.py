@@ -1,0 +1,181 @@
+"""``duplex infer``: the whole model on WAV files, no server.
+
+Every input file gets one batch slot of :class:`duplex.server.engine.DuplexEngine` (the very
+engine the server steps), so a file's output is exactly what a server session would send for it:
+the first 80 ms frame is consumed by the first-frame rule and the acoustic delay holds back the
+model's first frames, so the output is ``1 + max(delays)`` frames shorter than the input.
+Shorter files in a batch are fed silence once they end; their extra outputs are discarded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from duplex.client.audio import FRAME_SIZE, SAMPLE_RATE, AudioFileError, frame_count, read_audio, write_wav
+from duplex.client.text import TranscriptBuilder
+from duplex.server.models import ModelSourceError, add_model_arguments, load_models
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InferJob:
+    """One input file and where its outputs go."""
+
+    source: Path
+    audio_out: Path
+    transcript_out: Path | None
+
+
+@dataclass
+class InferResult:
+    """The model's side of one conversation."""
+
+    pcm: np.ndarray  # [T] float32 at 24 kHz
+    tokens: np.ndarray  # [1 + dep_q, S] int64: text token then model audio codes, per output frame
+    transcript: str = ""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``duplex infer``."""
+    parser.add_argument(
+        "paths", nargs="+", metavar="FILE",
+        help="input audio (any rate, mono or stereo) followed by the output WAV: `in.wav out.wav`; "
+        "with --output-dir every FILE is an input",
+    )
+    parser.add_argument(
+        "--output-dir", type=Path,
+        help="write DIR/<input name>.wav and DIR/<input name>.txt for each input (batch of files, one slot each)",
+    )
+    parser.add_argument("--transcript", type=Path, help="write the model's text (inner monologue) to this file")
+    add_sampling_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_model_arguments(parser)
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """Sampling overrides applied to every slot, resolved exactly as a server session's query parameters."""
+    group = parser.add_argument_group("sampling (default: the model repository's lm_gen_config)")
+    group.add_argument("--text-temperature", type=float, help="temperature of the text token (0 = greedy)")
+    group.add_argument("--text-topk", type=int, help="sample the text token among the k most likely")
+    group.add_argument("--audio-temperature", type=float, help="temperature of the audio tokens (0 = greedy)")
+    group.add_argument("--audio-topk", type=int, help="sample each audio token among the k most likely")
+    group.add_argument("--greedy", action="store_true",
+                       help="always take the most likely token (same as both temperatures 0)")
+    group.add_argument("--seed", type=int, help="random seed of the sampler (same seed, same output; default random)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``duplex infer``; user errors are printed as one line, exit code 1."""
+    try:
+        jobs = plan_jobs(args.paths, args.output_dir, args.transcript)
+        inputs = [read_audio(job.source) for job in jobs]
+        models = load_models(args)
+        sampling = sampling_from_args(args, models.lm_gen_defaults)
+        started = time.perf_counter()
+        results = run_batch(models, inputs, sampling, progress=not args.no_progress)
+        elapsed = time.perf_counter() - started
+    except (ModelSourceError, AudioFileError, ValueError) as exc:
+        print(f"duplex infer: error: {exc}", file=sys.stderr)
+        return 1
+    for job, result in zip(jobs, results):
+        try:
+            write_outputs(job, result)
+        except (AudioFileError, OSError) as exc:
+            print(f"duplex infer: error: {exc}", file=sys.stderr)
+            return 1
+    seconds = sum(x.size for x in inputs) / SAMPLE_RATE
+    print(f"{len(jobs)} file(s), {seconds:.1f} s of audio in {elapsed:.1f} s "
+          f"({seconds / max(elapsed, 1e-9):.2f}x real time)", file=sys.stderr)
+    return 0
+
+
+def plan_jobs(paths: list[str], output_dir: Path | None, transcript: Path | None) -> list[InferJob]:
+    """Pair inputs with outputs; ValueError explains a bad combination."""
+    if output_dir is not None:
+        if transcript is not None and len(paths) > 1:
+            raise ValueError("--transcript names one file; with several inputs the transcripts go to --output-dir")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        stems = [Path(p).stem for p in paths]
+        if len(set(stems)) != len(stems):
+            raise ValueError("inputs with the same file name would overwrite each other in --output-dir")
+        return [InferJob(Path(p), output_dir / f"{Path(p).stem}.wav",
+                         transcript or output_dir / f"{Path(p).stem}.txt") for p in paths]
+    if len(paths) != 2:
+        raise ValueError("give one input and one output (`duplex infer in.wav out.wav`), "
+                         "or several inputs with --output-dir DIR")
+    source, target = Path(paths[0]), Path(paths[1])
+    if target.suffix.lower() != ".wav":
+        raise ValueError(f"the output {target} must be a .wav file (or use --output-dir for several inputs)")
+    return [InferJob(source, target, transcript)]
+
+
+def sampling_from_args(args: argparse.Namespace, defaults: dict):
+    """The per-slot SlotSampling that a server session with the same query parameters would get."""
+    from types import SimpleNamespace
+
+    from duplex.server.protocol import SessionParams
+    from duplex.server.service import DuplexService
+
+    params = SessionParams(
+        text_temperature=0.0 if args.greedy else args.text_temperature,
+        audio_temperature=0.0 if args.greedy else args.audio_temperature,
+        text_topk=args.text_topk, audio_topk=args.audio_topk, text_seed=args.seed,
+    )
+    # The server's own resolution (defaults, "a temperature asks for sampling", seeds).
+    sampling, _ = DuplexService.sampling_for(SimpleNamespace(defaults=defaults), params)
+    return sampling
+
+
+def run_batch(models, inputs: list[np.ndarray], sampling=None, progress: bool = False) -> list[InferResult]:
+    """Stream every input (mono float32 at 24 kHz) through one engine slot each, frame by frame."""
+    from tqdm import tqdm
+
+    from duplex.server.engine import DuplexEngine
+
+    if not inputs:
+        raise ValueError("no input audio")
+    engine = DuplexEngine(models.mimi, models.lm, batch_size=len(inputs),
+                          lm_gen_kwargs=models.lm_gen_defaults, device=models.device)
+    for slot in range(len(inputs)):
+        engine.join(slot, sampling)
+    frames_per_input = [frame_count(x.size) for x in inputs]
+    total = max(frames_per_input)
+    batch = np.zeros((len(inputs), total * FRAME_SIZE), dtype=np.float32)  # [B, T]
+    for slot, pcm in enumerate(inputs):
+        batch[slot, : pcm.size] = pcm
+    outputs: list[list[np.ndarray]] = [[] for _ in inputs]
+    tokens: list[list[np.ndarray]] = [[] for _ in inputs]
+    texts = [TranscriptBuilder(models.tokenizer) for _ in inputs]
+    for t in tqdm(range(total), desc="infer", unit="frame", disable=not progress):
+        step = engine.step(batch[:, t * FRAME_SIZE : (t + 1) * FRAME_SIZE])  # [B, 1920] in and out
+        for slot in np.flatnonzero(step.has_output):
+            if t < frames_per_input[slot]:
+                outputs[slot].append(step.pcm[slot].copy())
+                tokens[slot].append(step.tokens[slot].copy())
+                texts[slot].add(int(step.tokens[slot, 0]))
+    width = 1 + models.lm.config.dep_q
+    return [
+        InferResult(
+            pcm=np.concatenate(chunks) if chunks else np.zeros(0, np.float32),
+            tokens=np.stack(toks, axis=1) if toks else np.zeros((width, 0), np.int64),
+            transcript=text.text(),
+        )
+        for chunks, toks, text in zip(outputs, tokens, texts)
+    ]
+
+
+def write_outputs(job: InferJob, result: InferResult) -> None:
+    """Write the model audio WAV and, when asked, the transcript."""
+    write_wav(job.audio_out, result.pcm)
+    logger.info("wrote %s (%.2f s)", job.audio_out, result.pcm.size / SAMPLE_RATE)
+    if job.transcript_out is not None:
+        job.transcript_out.write_text(result.transcript + "\n", encoding="utf-8")
+        logger.info("wrote %s", job.transcript_out)

@@ -1,0 +1,224 @@
+// Page controller: wires the call button, settings, transcript, meters, statistics and downloads.
+
+import { Call } from "./call.js";
+import { chatUrl, samplingQuery } from "./protocol.js";
+import {
+  LevelMeter, TranscriptView, buildSettingsFields, clearStats, clock, download, readSettings, renderStats,
+} from "./ui.js";
+
+const STORAGE_KEY = "duplex.sampling";
+const ACTIVE_STATES = new Set(["starting", "connecting", "waiting", "live"]);
+const LIVE_HINT = "Speak naturally — the model listens while it talks. Headphones keep it from hearing itself.";
+const $ = (id) => document.getElementById(id);
+
+const page = {
+  call: null,
+  lastCall: null,
+  serverDefaults: {},
+  meters: null,
+  transcript: null,
+  timer: null,
+};
+
+function loadStoredSettings() {
+  try {
+    return JSON.parse(localStorage.getItem(STORAGE_KEY) || "{}");
+  } catch {
+    return {};
+  }
+}
+
+function storeSettings(values) {
+  try {
+    localStorage.setItem(STORAGE_KEY, JSON.stringify(values));
+  } catch {
+    /* private mode: settings just do not persist */
+  }
+}
+
+/** Server defaults for the sampling fields, from whatever shape /api/info gives them in. */
+function defaultsFromInfo(info) {
+  const source = info.defaults || info.sampling || info.lm_gen_config || {};
+  const aliases = { text_temperature: "temp_text", text_topk: "top_k_text", audio_temperature: "temp", audio_topk: "top_k" };
+  const defaults = {};
+  for (const [name, alias] of Object.entries(aliases)) {
+    const value = source[name] ?? source[alias];
+    if (value !== undefined) defaults[name] = value;
+  }
+  return defaults;
+}
+
+function describeInfo(info) {
+  const name = info.model || info.model_name || info.name || "duplex";
+  const rate = info.sample_rate ? ` · ${(info.sample_rate / 1000).toFixed(0)} kHz` : "";
+  const device = info.device ? ` · ${info.device}` : "";
+  return `${name}${rate}${device}`;
+}
+
+async function loadServerInfo() {
+  try {
+    const response = await fetch("api/info", { cache: "no-store" });
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    const info = await response.json();
+    page.serverDefaults = defaultsFromInfo(info);
+    if (info.defaults && info.defaults.use_sampling === false) {
+      $("settings-mode").textContent = "This server decodes greedily by default; setting a temperature or top-k turns sampling on for your call.";
+    }
+    $("model-info").textContent = describeInfo(info);
+    window.duplexServerInfo = info;
+  } catch {
+    $("model-info").textContent = "Model information unavailable";
+  }
+  buildSettingsFields($("settings-fields"), loadStoredSettings(), page.serverDefaults);
+}
+
+function setMessage(text, tone = "info") {
+  const message = $("message");
+  message.textContent = text;
+  message.dataset.tone = tone;
+}
+
+function setStatus(state, text) {
+  $("status-dot").dataset.state = state;
+  $("status-text").textContent = text;
+  const button = $("call-button");
+  const active = ACTIVE_STATES.has(state);
+  button.dataset.state = active ? "active" : "idle";
+  $("call-label").textContent = active ? "End call" : "Start call";
+  document.body.dataset.callState = state;
+}
+
+/** Metadata (kind 4): queue position, session details, settings the server ignored. */
+function showMetadata(data) {
+  window.duplexMetadata = [...(window.duplexMetadata || []), data];
+  if (data.type === "queue" || typeof data.queue_position === "number") {
+    const position = data.queue_position;
+    if (page.call && page.call.state !== "live") {
+      setStatus("waiting", `All slots are busy — you are number ${position} in the queue`);
+    }
+    return;
+  }
+  if (data.type !== "session") return;
+  const ignored = [...(data.unsupported_params || []), ...(data.ignored_params || [])];
+  if (ignored.length > 0) setMessage(`The server ignored these settings: ${ignored.join(", ")}.`, "warn");
+  const parts = [`Session ${String(data.session_id || "").slice(0, 8)}`];
+  if (data.sampling) {
+    const s = data.sampling;
+    parts.push(s.use_sampling ? `sampling (text T=${s.temp_text}, k=${s.top_k_text}; audio T=${s.temp}, k=${s.top_k}; seed ${s.seed})` : "greedy decoding");
+  }
+  if (typeof data.max_session_seconds === "number") parts.push(`limit ${clock(data.max_session_seconds)}`);
+  $("session-info").textContent = parts.join(" · ");
+}
+
+function onStats(snapshot) {
+  window.duplexStats = snapshot;
+  renderStats(snapshot);
+  if (snapshot.handshakeAt !== null && ACTIVE_STATES.has(snapshot.state)) $("timer").textContent = clock(snapshot.secondsLive);
+}
+
+function onLevel({ side, rms }) {
+  if (side === "user") page.meters.user.update(rms);
+  else page.meters.model.update(rms);
+}
+
+function onEnded({ reason, message }) {
+  setStatus(reason === "error" ? "error" : "idle", reason === "error" ? "Call failed" : "Call ended");
+  if (reason !== "error") setMessage(message, "info");
+  page.meters.user.reset();
+  page.meters.model.reset();
+  const call = page.call;
+  page.lastCall = call;
+  page.call = null;
+  $("download-audio").disabled = call.recorder.seconds <= 0;
+  $("download-transcript").disabled = call.counters.handshakeAt === null;
+  $("call-button").focus();
+}
+
+function startCall() {
+  let query;
+  try {
+    query = samplingQuery(readSettings($("settings-form")));
+  } catch (error) {
+    setMessage(`${error.message} — fix it in Settings.`, "error");
+    return;
+  }
+  setMessage("");
+  clearStats();
+  $("timer").textContent = "00:00";
+  const call = new Call(chatUrl(window.location, query));
+  page.call = call;
+  window.duplexCall = call;
+  call
+    .on("state", (state, detail) => {
+      if (state === "live") {
+        page.transcript.beginCall(new Date());
+        if ($("message").textContent === "") setMessage(LIVE_HINT);
+      }
+      if (state !== "ended") setStatus(state, detail);
+    })
+    .on("text", (piece) => page.transcript.append(piece))
+    .on("metadata", showMetadata)
+    .on("error", (message) => setMessage(message, "error"))
+    .on("level", onLevel)
+    .on("stats", onStats)
+    .on("ended", onEnded);
+  call.start();
+}
+
+function onCallButton() {
+  if (page.call && ACTIVE_STATES.has(page.call.state)) page.call.stop();
+  else startCall();
+}
+
+function timestampName(extension) {
+  const stamp = new Date().toISOString().replace(/[:]/g, "-").replace(/\..+$/, "");
+  return `duplex-${stamp}.${extension}`;
+}
+
+function downloadTranscript() {
+  const call = page.lastCall;
+  if (!call) return;
+  const when = new Date(performance.timeOrigin + call.counters.startedAt).toISOString();
+  const text = `duplex conversation, ${when}\nmodel: ${$("model-info").textContent}\n\n${call.transcript.trim()}\n`;
+  download(new Blob([text], { type: "text/plain;charset=utf-8" }), timestampName("txt"));
+}
+
+function setupSettings() {
+  const dialog = $("settings");
+  $("settings-button").addEventListener("click", () => dialog.showModal());
+  $("settings-form").addEventListener("submit", (event) => {
+    try {
+      samplingQuery(readSettings(event.target));
+      $("settings-error").textContent = "";
+      storeSettings(readSettings(event.target));
+    } catch (error) {
+      event.preventDefault();
+      $("settings-error").textContent = error.message;
+    }
+  });
+  $("settings-reset").addEventListener("click", () => {
+    storeSettings({});
+    buildSettingsFields($("settings-fields"), {}, page.serverDefaults);
+    $("settings-error").textContent = "";
+  });
+  dialog.addEventListener("click", (event) => {
+    if (event.target === dialog) dialog.close(); // click on the backdrop
+  });
+}
+
+function main() {
+  page.meters = { user: new LevelMeter($("mic-meter")), model: new LevelMeter($("model-meter")) };
+  page.transcript = new TranscriptView($("transcript"));
+  $("call-button").addEventListener("click", onCallButton);
+  $("download-audio").addEventListener("click", () => page.lastCall && download(page.lastCall.recorder.toWav(), timestampName("wav")));
+  $("download-transcript").addEventListener("click", downloadTranscript);
+  setupSettings();
+  if (!window.isSecureContext) {
+    setMessage("This page is not a secure context, so the browser will not open the microphone. Use https (duplex serve --ssl DIR) or localhost.", "warn");
+  }
+  loadServerInfo().then(() => {
+    document.body.dataset.ready = "true";
+  });
+}
+
+main();

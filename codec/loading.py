@@ -1,0 +1,145 @@
+"""Strict loading of Kyutai's Mimi checkpoints (official safetensors key names), and random-weight builds."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import MimiConfig
+from .mimi import Mimi
+
+logger = logging.getLogger(__name__)
+
+MAX_LISTED_KEYS = 20
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's keys or shapes differ from the model built from the config."""
+
+
+def resolve_config(config: MimiConfig | dict | str | Path | None) -> MimiConfig:
+    """A MimiConfig from None (the published preset), a MimiConfig, a Kyutai config dict or a JSON path."""
+    if config is None:
+        return MimiConfig.official()
+    if isinstance(config, MimiConfig):
+        return config
+    return MimiConfig.from_kyutai(config)
+
+
+def expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every persistent key of the model's state dict with its shape (works on the meta device)."""
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(keys[:MAX_LISTED_KEYS])
+    more = len(keys) - MAX_LISTED_KEYS
+    return shown + (f", ... ({more} more)" if more > 0 else "")
+
+
+def check_checkpoint(expected: dict[str, tuple[int, ...]], tensors: dict[str, Tensor], source: str) -> None:
+    """Raise CheckpointMismatchError naming every missing, unexpected or mis-shaped key."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    misshaped = sorted(
+        f"{key} (checkpoint {tuple(tensors[key].shape)}, model {expected[key]})"
+        for key in set(expected) & set(tensors)
+        if tuple(tensors[key].shape) != expected[key]
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listed(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped keys: {_listed(misshaped)}")
+    if problems:
+        raise CheckpointMismatchError(
+            f"checkpoint {source} does not match the Mimi config: " + "; ".join(problems)
+        )
+
+
+def _read_tensors(weights: str | Path | dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
+    if isinstance(weights, dict):
+        return dict(weights), "<state dict>"
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"Mimi weights not found: {path}")
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu"), str(path)
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"cannot read {path} as safetensors: {error}") from error
+
+
+def finish_model(model: Mimi) -> Mimi:
+    """Derive buffers (codebook centroids), pack conv weights, check nothing is left on `meta`; eval mode."""
+    model.quantizer.refresh_centroids()
+    model.pack_()
+    left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if left:
+        raise RuntimeError(f"tensors left uninitialised after loading: {_listed(left)}")
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_mimi(
+    weights: str | Path | dict[str, Tensor],
+    config: MimiConfig | dict | str | Path | None = None,
+    num_codebooks: int = 8,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Mimi:
+    """Build Mimi on `meta`, check the checkpoint strictly, load it with `assign=True`, cast and derive buffers."""
+    config = resolve_config(config)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    with torch.device("meta"):
+        model = Mimi(config, num_codebooks=num_codebooks)
+    tensors, source = _read_tensors(weights)
+    check_checkpoint(expected_shapes(model), tensors, source)
+    tensors = {
+        key: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+        for key, value in tensors.items()
+    }
+    model.load_state_dict(tensors, strict=True, assign=True)
+    logger.info("loaded Mimi from %s (%d tensors) on %s as %s", source, len(tensors), device, dtype)
+    return finish_model(model)
+
+
+def random_mimi(
+    config: MimiConfig | None = None,
+    num_codebooks: int = 8,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> Mimi:
+    """A Mimi with random weights (uniform +-1/sqrt(fan_in), unit norms, random codebooks): benchmarks, tests."""
+    with torch.device("meta"):
+        model = Mimi(config or MimiConfig.official(), num_codebooks=num_codebooks)
+    model = model.to_empty(device=device).to(dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            _fill_random_(name, tensor, generator)
+    return finish_model(model)
+
+
+def _fill_random_(name: str, tensor: Tensor, generator: torch.Generator) -> None:
+    """Plausible random values for one parameter or buffer, by its role."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "cluster_usage" or (tensor.dim() == 1 and ".norm" in name and leaf == "weight"):
+        tensor.fill_(1.0)
+    elif leaf in ("scale", "_initialized"):
+        tensor.fill_(0.01 if leaf == "scale" else 1.0)
+    elif leaf == "embedding_sum":
+        tensor.normal_(generator=generator)
+    elif tensor.dim() >= 2:
+        bound = (tensor[0].numel()) ** -0.5  # 1/sqrt(fan_in) for [C_out, C_in, K] and [out, in]
+        tensor.uniform_(-bound, bound, generator=generator)
+    else:
+        tensor.uniform_(-0.01, 0.01, generator=generator)

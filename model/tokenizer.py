@@ -1,0 +1,45 @@
+"""A thin wrapper around the sentencepiece text tokenizer of the LM's inner monologue."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WORD_BOUNDARY = "\u2581"  # sentencepiece's "▁": a space before the piece
+PADDING_IDS = (0, 3)  # the end-of-padding id and existing_text_padding_id: never shown as text
+
+
+class TextTokenizer:
+    """Maps the LM's text tokens to text: ``piece(id)`` for streaming, ``decode(ids)`` for whole texts."""
+
+    def __init__(self, path: str | Path, padding_ids: tuple[int, ...] = PADDING_IDS) -> None:
+        import sentencepiece
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"text tokenizer not found: {path}")
+        self._model = sentencepiece.SentencePieceProcessor()
+        try:
+            self._model.Load(str(path))
+        except (OSError, RuntimeError) as err:
+            raise ValueError(f"not a sentencepiece model: {path} ({err})") from err
+        self.padding_ids = frozenset(padding_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._model.GetPieceSize()
+
+    def piece(self, token: int) -> str | None:
+        """The text of one token (``▁`` becomes a space), or None for padding / out-of-range ids."""
+        token = int(token)
+        if token in self.padding_ids or not 0 <= token < self.vocab_size:
+            return None
+        return self._model.IdToPiece(token).replace(WORD_BOUNDARY, " ")
+
+    def decode(self, tokens) -> str:
+        """The text of a token sequence, padding ids skipped."""
+        kept = [int(t) for t in tokens if int(t) not in self.padding_ids and 0 <= int(t) < self.vocab_size]
+        return self._model.DecodeIds(kept)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a text."""
+        return list(self._model.EncodeAsIds(text))

@@ -1,0 +1,94 @@
+"""Prometheus metrics of one server app (own CollectorRegistry) and structured session logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+session_logger = logging.getLogger("duplex.server.sessions")
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Step stages take from tens of microseconds (tiny model) to tens of milliseconds (7B on a GPU).
+_STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.04, 0.06,
+                 0.08, 0.1, 0.15, 0.25, 0.5, 1.0)
+
+
+class ServerMetrics:
+    """Every metric the server exports, registered in a registry private to one app."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.active_sessions = Gauge("duplex_active_sessions", "Sessions holding a batch slot", registry=r)
+        self.queue_length = Gauge("duplex_queue_length", "Clients waiting for a free slot", registry=r)
+        self.max_sessions = Gauge("duplex_max_sessions", "Batch slots (--max-sessions)", registry=r)
+        self.step_seconds = Histogram(
+            "duplex_step_seconds", "Latency of one batched tick, by stage (encode, lm, decode, total)",
+            ["stage"], buckets=_STEP_BUCKETS, registry=r,
+        )
+        self.tick_batch = Histogram(
+            "duplex_tick_sessions", "Sessions with a real (not silence) frame in a tick",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r,
+        )
+        self.ticks = Counter("duplex_ticks", "Batched model steps run", registry=r)
+        self.frames_in = Counter("duplex_frames_in", "User audio frames stepped", registry=r)
+        self.frames_out = Counter("duplex_frames_out", "Model audio frames sent", registry=r)
+        self.frames_late = Counter(
+            "duplex_frames_late", "Ticks where a running session had no frame (silence was used)", registry=r,
+        )
+        self.frames_dropped = Counter(
+            "duplex_frames_dropped", "Frames discarded: in = undecodable user audio, out = slow client",
+            ["direction"], registry=r,
+        )
+        self.bytes = Counter("duplex_bytes", "Websocket payload bytes", ["direction"], registry=r)
+        self.sessions_ended = Counter("duplex_sessions_ended", "Finished sessions by reason", ["reason"],
+                                      registry=r)
+        self.rejected = Counter("duplex_rejected", "Connections refused before a session started", ["reason"],
+                                registry=r)
+        for stage in ("encode", "lm", "decode", "total"):
+            self.step_seconds.labels(stage)
+        for direction in ("in", "out"):
+            self.frames_dropped.labels(direction)
+            self.bytes.labels(direction)
+
+    def observe_step(self, encode: float, lm: float, decode: float) -> None:
+        """Record one tick's stage latencies (seconds)."""
+        self.step_seconds.labels("encode").observe(encode)
+        self.step_seconds.labels("lm").observe(lm)
+        self.step_seconds.labels("decode").observe(decode)
+        self.step_seconds.labels("total").observe(encode + lm + decode)
+        self.ticks.inc()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this registry."""
+        return generate_latest(self.registry)
+
+
+@dataclass
+class SessionRecord:
+    """What the per-session log line reports when a session ends."""
+
+    session_id: str
+    client: str
+    slot: int | None = None
+    duration_s: float = 0.0
+    queued_s: float = 0.0
+    frames_in: int = 0
+    frames_out: int = 0
+    frames_late: int = 0
+    frames_dropped_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    end_reason: str = "unknown"
+
+    def log(self) -> None:
+        """One structured (JSON) log line."""
+        fields = asdict(self)
+        fields["duration_s"] = round(self.duration_s, 3)
+        fields["queued_s"] = round(self.queued_s, 3)
+        session_logger.info("session ended %s", json.dumps(fields, separators=(",", ":")),
+                            extra={"session": fields})

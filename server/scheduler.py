@@ -1,0 +1,265 @@
+"""The batched scheduler: one worker thread steps every active conversation together.
+
+Threads. The event loop (websockets, Opus) never runs model code. Sessions push decoded
+80 ms frames into their slot's bounded *inbox*; the worker thread waits for frames, runs one
+:meth:`DuplexEngine.step` for the whole batch and hands each session its output through
+``loop.call_soon_threadsafe``. Ticks are driven by incoming audio: with no frames, nothing runs.
+
+Late sessions: lockstep with a grace period. The states of all slots advance together (a
+batched step cannot leave one slot's streaming state untouched), so every tick steps every
+running session. A tick starts as soon as every running, on-time session has a frame. Otherwise
+it waits until ``grace_s`` after the frame was *due*: max(previous tick + 80 ms, first frame of
+this tick ready) + grace. Real-time clients with different phases therefore never count as late
+(the tick follows the last of them in each 80 ms cycle, so an early client's frame waits < 80 ms);
+a client whose frame is really missing at the deadline gets 80 ms of silence (counted in
+``duplex_frames_late``, like packet-loss concealment) and is marked *stalled*: later ticks do not
+wait for it until one of its frames has been stepped again. A stalled or vanished client thus
+delays the others once, by at most 80 ms + grace, and never corrupts them.
+Why not "step only ready slots"? It would need every streaming module (conv buffers, KV caches,
+LM delay buffers) to support masked, per-slot state updates; lockstep keeps the step one plain
+batched call and costs at most one frame of added latency per session.
+
+Backlog: the inbox holds at most ``inbox_frames`` frames. A client that sends faster than real
+time (file streaming) is throttled by backpressure (the session stops reading its socket), so no
+user audio is ever dropped, and a fast client never makes the ticks of real-time peers run faster.
+Known limit: a client whose audio clock runs faster than the slowest peer's slowly fills its inbox
+(0.01 % drift = 0.36 s per hour); ``--max-session-seconds`` bounds it.
+A session's first frame is handled by the engine's first frame rule; a joined session is not
+waited for until its first frame has been stepped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from duplex.server.engine import SlotSampling, StepOutput
+from duplex.server.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class OutputSink(Protocol):
+    """Receives a slot's output on the event loop thread."""
+
+    def deliver(self, pcm: np.ndarray, text_id: int, tokens: np.ndarray) -> None:
+        """One output frame: [1920] audio, the text token id, all [1 + dep_q] token ids."""
+
+    def fail(self, reason: str) -> None:
+        """The scheduler cannot go on: end the session with ``reason``."""
+
+
+class SchedulerFull(RuntimeError):
+    """No free slot (admission should have prevented this)."""
+
+
+@dataclass(eq=False)
+class SlotHandle:
+    """One session's binding to a batch slot. Fields below ``inbox`` are guarded by the scheduler lock."""
+
+    slot: int
+    sink: OutputSink
+    loop: asyncio.AbstractEventLoop
+    sampling: SlotSampling
+    inbox: deque = field(default_factory=deque)
+    started: bool = False  # its first frame has been stepped
+    stalled: bool = False  # missed the last tick; not waited for
+    closed: bool = False
+    frames_in: int = 0
+    frames_late: int = 0
+    space: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Scheduler:
+    """Owns a :class:`DuplexEngine` and runs its ticks in one worker thread."""
+
+    def __init__(self, engine, metrics: ServerMetrics, grace_s: float = 0.03, inbox_frames: int = 8,
+                 torch_threads: int | None = None) -> None:
+        self.engine = engine
+        self.torch_threads = torch_threads
+        self.metrics = metrics
+        self.grace_s = grace_s
+        self.inbox_frames = inbox_frames
+        self.batch_size = engine.batch_size
+        self.frame_size = engine.frame_size
+        self._cond = threading.Condition()
+        self._handles: list[SlotHandle | None] = [None] * self.batch_size
+        self._pcm = np.zeros((self.batch_size, self.frame_size), dtype=np.float32)  # [B, 1920]
+        self.frame_seconds = self.frame_size / 24000.0
+        self._last_tick = 0.0
+        self.tick_observer = None  # optional callable(StepOutput, sessions stepped), for benchmarks
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        metrics.max_sessions.set(self.batch_size)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread = threading.Thread(target=self._run, name="duplex-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker thread after its current tick."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def active(self) -> int:
+        """Slots bound to a session."""
+        with self._cond:
+            return sum(h is not None for h in self._handles)
+
+    # ------------------------------------------------------------------ sessions (event loop side)
+    def join(self, sink: OutputSink, sampling: SlotSampling) -> SlotHandle:
+        """Bind a session to the lowest free slot; its state is reset when its first frame is stepped."""
+        loop = asyncio.get_running_loop()
+        with self._cond:
+            for slot, handle in enumerate(self._handles):
+                if handle is None:
+                    new = SlotHandle(slot=slot, sink=sink, loop=loop, sampling=sampling)
+                    self._handles[slot] = new
+                    self.metrics.active_sessions.inc()
+                    return new
+        raise SchedulerFull(f"all {self.batch_size} slots are busy")
+
+    def leave(self, handle: SlotHandle) -> None:
+        """Unbind a session; its slot is free at once (pending frames are discarded)."""
+        with self._cond:
+            if handle.closed:
+                return
+            handle.closed = True
+            handle.inbox.clear()
+            if self._handles[handle.slot] is handle:
+                self._handles[handle.slot] = None
+                self.metrics.active_sessions.dec()
+            self._cond.notify_all()
+        handle.space.set()
+
+    async def push(self, handle: SlotHandle, frame: np.ndarray) -> None:
+        """Queue one [1920] frame for the session, waiting while its inbox is full (backpressure)."""
+        while True:
+            with self._cond:
+                if handle.closed:
+                    return
+                if len(handle.inbox) < self.inbox_frames:
+                    handle.inbox.append(frame)
+                    self._cond.notify_all()
+                    return
+                handle.space.clear()
+            await handle.space.wait()
+
+    # ------------------------------------------------------------------ the worker thread
+    def _run(self) -> None:
+        if self.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
+        try:
+            while True:
+                stepped = self._wait_and_gather()
+                if stepped is None:
+                    return
+                output = self.engine.step(self._pcm)
+                self._record(stepped, output)
+                if self.tick_observer is not None:
+                    self.tick_observer(output, len(stepped))
+                self._dispatch(stepped, output)
+        except BaseException as exc:  # noqa: BLE001 - reported to every session, then logged
+            self.error = exc
+            logger.exception("scheduler worker failed; ending all sessions")
+            self._fail_all(exc)
+
+    def _wait_and_gather(self) -> list[SlotHandle] | None:
+        """Block until a tick is due, then fill ``self._pcm`` and return the sessions stepped."""
+        with self._cond:
+            deadline = None
+            while not self._stopping:
+                bound = [h for h in self._handles if h is not None]
+                if not any(h.inbox for h in bound):
+                    deadline = None
+                    self._cond.wait()
+                    continue
+                awaited = [h for h in bound if h.started and not h.stalled and not h.inbox]
+                now = time.monotonic()
+                if deadline is None:  # the frames of this tick were due one frame after the last tick
+                    deadline = max(self._last_tick + self.frame_seconds, now) + self.grace_s
+                if not awaited or now >= deadline:
+                    self._last_tick = now
+                    return self._gather(bound)
+                self._cond.wait(deadline - now)
+            return None
+
+    def _gather(self, bound: list[SlotHandle]) -> list[SlotHandle]:
+        """Take one frame per session (silence for late ones); called with the lock held."""
+        self._pcm.fill(0.0)
+        stepped = []
+        for handle in bound:
+            if handle.inbox:
+                self._pcm[handle.slot] = handle.inbox.popleft()
+                handle.loop.call_soon_threadsafe(handle.space.set)
+                handle.stalled = False
+                handle.frames_in += 1
+                if not handle.started:
+                    self.engine.join(handle.slot, handle.sampling)
+                    handle.started = True
+            elif handle.started:
+                handle.stalled = True
+                handle.frames_late += 1
+                self.metrics.frames_late.inc()
+            else:
+                continue  # joined, first frame not yet here: its slot's output is ignored
+            stepped.append(handle)
+        return stepped
+
+    def _record(self, stepped: list[SlotHandle], output: StepOutput) -> None:
+        t = output.timings
+        self.metrics.observe_step(t.encode, t.lm, t.decode)
+        real = sum(1 for h in stepped if not h.stalled)
+        self.metrics.tick_batch.observe(real)
+        self.metrics.frames_in.inc(real)
+
+    def _dispatch(self, stepped: list[SlotHandle], output: StepOutput) -> None:
+        """Hand each stepped session its output on its event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for handle in stepped:
+            if handle.closed or not output.has_output[handle.slot]:
+                continue
+            tokens = output.tokens[handle.slot].copy()  # [1 + dep_q]
+            text_id = int(tokens[0])
+            item = (handle, output.pcm[handle.slot].copy(), text_id, tokens)
+            by_loop.setdefault(handle.loop, []).append(item)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(self._deliver_all, items)
+            except RuntimeError:  # the loop is closed: its sessions are gone
+                logger.debug("event loop closed; %d outputs discarded", len(items))
+
+    def _deliver_all(self, items: list) -> None:
+        for handle, pcm, text_id, tokens in items:
+            if handle.closed:
+                continue
+            try:
+                handle.sink.deliver(pcm, text_id, tokens)
+            except Exception as exc:  # noqa: BLE001 - one broken session must not starve the others
+                logger.exception("session in slot %d failed to take its output", handle.slot)
+                handle.sink.fail(f"server error: {type(exc).__name__}")
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._cond:
+            handles = [h for h in self._handles if h is not None]
+        for handle in handles:
+            try:
+                handle.loop.call_soon_threadsafe(handle.sink.fail, f"server error: {type(exc).__name__}")
+            except RuntimeError:
+                pass

@@ -1,0 +1,310 @@
+"""One websocket connection: query parameters, queueing, Opus in/out, bounded queues, ending.
+
+Inbound: binary messages are parsed (:mod:`duplex.server.protocol`); kind-1 Ogg/Opus is decoded
+with ``sphn.OpusStreamReader`` and cut into 80 ms frames pushed to the scheduler (which applies
+backpressure). Outbound: the scheduler's output is Opus-encoded on the event loop and queued in a
+bounded *outbox* drained by a sender task. A client that does not read its audio for
+``outbox_frames`` frames is disconnected with a kind-5 "too slow" error, so it can never stall
+the model loop or the other sessions.
+
+Bad input ends only the offending session, with a kind-5 error: text frames, empty or oversized
+messages, audio that is not Ogg/Opus. Control (3), ping (6), client-sent handshake/text/metadata
+and unknown kinds are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+import numpy as np
+import sphn
+from starlette.websockets import WebSocket, WebSocketState
+
+from duplex.server import protocol
+from duplex.server.admission import Busy, Closed
+from duplex.server.metrics import SessionRecord
+from duplex.server.protocol import MessageKind, ProtocolError
+
+if TYPE_CHECKING:
+    from duplex.server.app import DuplexService
+
+logger = logging.getLogger(__name__)
+
+
+class FrameAssembler:
+    """Cuts a stream of PCM chunks of any length into fixed-size frames."""
+
+    def __init__(self, frame_size: int) -> None:
+        self.frame_size = frame_size
+        self._chunks: list[np.ndarray] = []
+        self._length = 0
+
+    def add(self, pcm: np.ndarray) -> list[np.ndarray]:
+        """Append ``pcm`` ([N] float32); return every complete [frame_size] frame."""
+        if pcm.size == 0:
+            return []
+        self._chunks.append(np.asarray(pcm, dtype=np.float32).reshape(-1))
+        self._length += pcm.size
+        if self._length < self.frame_size:
+            return []
+        joined = np.concatenate(self._chunks)
+        count = self._length // self.frame_size
+        frames = [joined[i * self.frame_size:(i + 1) * self.frame_size] for i in range(count)]
+        rest = joined[count * self.frame_size:]
+        self._chunks = [rest] if rest.size else []
+        self._length = rest.size
+        return frames
+
+
+class Session:
+    """Serves one websocket from accept to close."""
+
+    def __init__(self, websocket: WebSocket, service: DuplexService) -> None:
+        self.ws = websocket
+        self.service = service
+        self.id = uuid.uuid4().hex[:12]
+        client = websocket.client
+        self.record = SessionRecord(session_id=self.id, client=f"{client.host}:{client.port}" if client else "?")
+        self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._audio_queued = 0  # audio messages in the outbox
+        self._done = asyncio.Event()
+        self._end_reason: str | None = None
+        self._end_error: str | None = None
+        self._opus_in = sphn.OpusStreamReader(service.sample_rate)
+        self._opus_out = sphn.OpusStreamWriter(service.sample_rate)
+        self._frames = FrameAssembler(service.frame_size)
+        self.handle = None
+
+    # ------------------------------------------------------------------ entry point
+    async def run(self) -> None:
+        """Accept, validate, wait for a slot, stream until the end, clean up."""
+        await self.ws.accept()
+        started = time.monotonic()
+        try:
+            params = protocol.parse_query_params(self.ws.query_params)
+        except ValueError as exc:
+            self.service.metrics.rejected.labels("bad_params").inc()
+            await self._reject(str(exc), "bad_params")
+            return
+        if not await self._wait_for_slot():
+            return
+        self.record.queued_s = time.monotonic() - started
+        try:
+            await self._converse(params)
+        finally:
+            self.service.admission.release()
+            self.record.duration_s = time.monotonic() - started - self.record.queued_s
+            self.record.end_reason = self._end_reason or "unknown"
+            self.service.metrics.sessions_ended.labels(self.record.end_reason).inc()
+            self.record.log()
+
+    async def _reject(self, message: str, reason: str) -> None:
+        """Refuse the session with a kind-5 error, then close."""
+        self.record.end_reason = reason
+        try:
+            await self._send_now(protocol.encode_error(message))
+        except Exception:  # noqa: BLE001 - the client is gone already
+            logger.debug("session %s: could not send %r", self.id, message, exc_info=True)
+        await self._close()
+        self.record.log()
+
+    # ------------------------------------------------------------------ admission
+    async def _wait_for_slot(self) -> bool:
+        """Queue for a slot while watching for the client leaving. False = session will not start."""
+        if self.service.admission.try_acquire():
+            return True
+        acquire = asyncio.ensure_future(self.service.admission.acquire(self._send_position))
+        watch = asyncio.ensure_future(self._read_while_queued())
+        try:
+            await asyncio.wait({acquire, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if not acquire.done():  # the client left (or sent bad input) while queued
+            acquire.cancel()
+            await asyncio.gather(acquire, return_exceptions=True)
+            error = watch.result() if watch.done() and not watch.cancelled() and not watch.exception() else None
+            reason = "bad_input" if error else "left_queue"
+            self.service.metrics.rejected.labels(reason).inc()
+            if error:
+                await self._reject(error, reason)
+            else:
+                self.record.end_reason = reason
+                self.record.log()
+            return False
+        try:
+            acquire.result()
+        except Busy as exc:
+            self.service.metrics.rejected.labels("busy").inc()
+            await self._reject(str(exc), "busy")
+            return False
+        except Closed as exc:
+            self.service.metrics.rejected.labels("shutdown").inc()
+            await self._reject(str(exc), "shutdown")
+            return False
+        return True
+
+    async def _send_position(self, position: int) -> None:
+        await self._send_now(protocol.encode_metadata({"type": "queue", "queue_position": position}))
+
+    async def _read_while_queued(self) -> str | None:
+        """Until the client disconnects (None) or breaks the protocol (the error): read its messages.
+
+        Audio sent before the handshake is decoded (keeping the Ogg stream consistent) and dropped.
+        """
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return None
+            try:
+                parsed = self._parse(message)
+                if parsed.kind is MessageKind.AUDIO:
+                    self._decode(parsed.payload)
+            except ProtocolError as exc:
+                return str(exc)
+
+    # ------------------------------------------------------------------ the conversation
+    async def _converse(self, params: protocol.SessionParams) -> None:
+        sampling, resolved = self.service.sampling_for(params)
+        self.handle = self.service.scheduler.join(self, sampling)
+        self.record.slot = self.handle.slot
+        self.service.sessions.add(self)
+        sender = asyncio.ensure_future(self._send_loop())
+        receiver = asyncio.ensure_future(self._receive_loop())
+        try:
+            self.outbox.put_nowait(protocol.encode_handshake())
+            self.outbox.put_nowait(protocol.encode_metadata(self.service.session_metadata(self.id, params, resolved)))
+            limit = self.service.settings.max_session_seconds or None
+            try:
+                await asyncio.wait_for(self._done.wait(), timeout=limit)
+            except asyncio.TimeoutError:
+                self.finish("time_limit", f"session time limit of {limit:g} s reached")
+        finally:
+            self.service.scheduler.leave(self.handle)
+            self.service.sessions.discard(self)
+            receiver.cancel()
+            await self._drain_and_close(sender)
+            self.record.frames_in = self.handle.frames_in
+            self.record.frames_late = self.handle.frames_late
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        """End the session (first call wins); ``error`` is sent as kind 5 after the pending output."""
+        if self._end_reason is None:
+            self._end_reason = reason
+            self._end_error = error
+        self._done.set()
+
+    async def _drain_and_close(self, sender: asyncio.Future) -> None:
+        """Flush the outbox (bounded time), send the kind-5 error if any, close the socket.
+
+        A client that closed or is too slow to read gets no flush: its pending output is dropped.
+        """
+        flush = self._end_reason not in ("client_closed", "slow_client")
+        if flush:
+            self.outbox.put_nowait(None)
+            try:
+                await asyncio.wait_for(sender, timeout=self.service.settings.drain_seconds)
+            except Exception:  # noqa: BLE001 - timeout or a socket gone while flushing
+                logger.debug("session %s: output not fully flushed", self.id, exc_info=True)
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        if self._audio_queued > 0:
+            self.record.frames_dropped_out += self._audio_queued
+            self.service.metrics.frames_dropped.labels("out").inc(self._audio_queued)
+        if self._end_error is not None and self._end_reason != "client_closed":
+            try:
+                await asyncio.wait_for(self._send_now(protocol.encode_error(self._end_error)), timeout=1.0)
+            except Exception:  # noqa: BLE001 - the client may be gone already
+                logger.debug("session %s: could not send the error", self.id, exc_info=True)
+        await self._close()
+
+    async def _receive_loop(self) -> None:
+        try:
+            while not self._done.is_set():
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    self.finish("client_closed")
+                    return
+                await self._on_message(message)
+        except ProtocolError as exc:
+            self.finish("bad_input", str(exc))
+        except Exception:  # noqa: BLE001 - a broken socket ends only this session
+            logger.debug("session %s: receive failed", self.id, exc_info=True)
+            self.finish("client_closed")
+
+    async def _on_message(self, message: dict) -> None:
+        parsed = self._parse(message)
+        if parsed.kind is MessageKind.AUDIO:
+            for frame in self._frames.add(self._decode(parsed.payload)):
+                await self.service.scheduler.push(self.handle, frame)
+        # control, ping, client-sent handshake/text/metadata/error and unknown kinds: ignored
+
+    def _parse(self, message: dict) -> protocol.Message:
+        data = message.get("bytes")
+        if data is None:
+            raise ProtocolError("text frames are not supported: send binary messages (kind byte + payload)")
+        self.record.bytes_in += len(data)
+        self.service.metrics.bytes.labels("in").inc(len(data))
+        return protocol.parse_message(data, self.service.settings.max_message_bytes)
+
+    def _decode(self, ogg: bytes) -> np.ndarray:
+        """Ogg/Opus bytes -> [N] float32 PCM (N may be 0)."""
+        try:
+            pcm = self._opus_in.append_bytes(ogg)
+        except Exception as exc:  # noqa: BLE001 - sphn raises ValueError/OSError for bad streams
+            raise ProtocolError(f"audio is not a valid Ogg/Opus stream: {exc}") from None
+        return np.asarray(pcm, dtype=np.float32)
+
+    async def _send_loop(self) -> None:
+        while True:
+            data = await self.outbox.get()
+            if data is None:
+                return
+            if data[0] == MessageKind.AUDIO:
+                self._audio_queued -= 1
+            try:
+                await self._send_now(data)
+            except Exception:  # noqa: BLE001 - the client went away
+                logger.debug("session %s: send failed", self.id, exc_info=True)
+                self.finish("client_closed")
+                return
+
+    async def _send_now(self, data: bytes) -> None:
+        await self.ws.send_bytes(data)
+        self.record.bytes_out += len(data)
+        self.service.metrics.bytes.labels("out").inc(len(data))
+
+    async def _close(self) -> None:
+        if self.ws.application_state != WebSocketState.DISCONNECTED:
+            try:
+                await self.ws.close()
+            except Exception:  # noqa: BLE001 - already closed by the peer
+                pass
+
+    # ------------------------------------------------------------------ scheduler callbacks (loop thread)
+    def deliver(self, pcm: np.ndarray, text_id: int, tokens: np.ndarray) -> None:
+        """Queue one output frame (Opus audio, text piece, optionally token ids) for sending."""
+        if self._done.is_set():
+            return
+        if self._audio_queued >= self.service.settings.outbox_frames:
+            seconds = self._audio_queued * self.service.frame_size / self.service.sample_rate
+            self.finish("slow_client", f"client too slow: {seconds:.1f} s of model audio not read")
+            return
+        ogg = self._opus_out.append_pcm(pcm)
+        if ogg:
+            self.outbox.put_nowait(protocol.encode_audio(ogg))
+            self._audio_queued += 1
+        piece = self.service.text_piece(text_id)
+        if piece:
+            self.outbox.put_nowait(protocol.encode_text(piece))
+        if self.service.settings.send_tokens:
+            self.outbox.put_nowait(protocol.encode_metadata({"type": "tokens", "tokens": tokens.tolist()}))
+        self.record.frames_out += 1
+        self.service.metrics.frames_out.inc()
+
+    def fail(self, reason: str) -> None:
+        """The scheduler died: end with an error."""
+        self.finish("server_error", reason)

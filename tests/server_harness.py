@@ -1,0 +1,143 @@
+"""Test helpers for the server tests: tiny models, a live uvicorn server in a thread, clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import uvicorn
+
+from duplex.client.client import AudioEvent, DuplexClient, ErrorEvent, MetadataEvent, TextEvent
+from duplex.server.app import GracefulServer, create_app
+from duplex.server.service import ServerSettings
+
+FRAME = 1920
+
+
+def load_tiny_models(fixtures_dir: Path, tokenizer_path: Path):
+    """The tiny fixture models through the same loader `duplex serve` uses (greedy lm_gen_config)."""
+    from duplex.server.models import load_models_from_paths
+
+    return load_models_from_paths(
+        fixtures_dir / "lm_tiny" / "model.safetensors",
+        fixtures_dir / "mimi_tiny" / "model.safetensors",
+        tokenizer_path,
+        config=fixtures_dir / "lm_tiny" / "config.json",
+        mimi_config=fixtures_dir / "mimi_tiny" / "config.json",
+        model_name="tiny",
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving ``create_app(models, settings)`` in a background thread."""
+
+    def __init__(self, models, settings: ServerSettings, engine=None) -> None:
+        self.app = create_app(models, settings, engine=engine)
+        self.service = self.app.state.service
+        self.port = free_port()
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                ws="websockets-sansio", lifespan="on")
+        self.server = GracefulServer(config, self.app)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/api/chat"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@contextlib.contextmanager
+def live_server(models, engine=None, **settings):
+    server = LiveServer(models, ServerSettings(**settings), engine=engine).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def synth_audio(frames: int, seed: int) -> np.ndarray:
+    """Deterministic speech-like noise: [frames * 1920] float32."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(frames * FRAME) / 24000.0
+    tone = 0.3 * np.sin(2 * np.pi * (180 + 40 * seed) * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    return (tone + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+class Transcript:
+    """What one client received."""
+
+    def __init__(self) -> None:
+        self.audio: list[np.ndarray] = []
+        self.text: list[str] = []
+        self.tokens: list[list[int]] = []
+        self.metadata: list[dict] = []
+        self.errors: list[str] = []
+
+
+async def converse(url: str, pcm: np.ndarray, params=None, realtime: bool = False,
+                   timeout: float = 60.0) -> Transcript:
+    """Stream ``pcm`` (then close) and collect every output frame of a token-exposing server.
+
+    With N input frames the server steps N - 1 of them (first frame rule) and the tiny LM's
+    delay of one step leaves N - 2 output frames; the client closes once it has them all.
+    """
+    client = await DuplexClient.connect(url, params=params, timeout=timeout)
+    expected = pcm.size // FRAME - 2
+    result = Transcript()
+
+    async def send() -> None:
+        for i in range(pcm.size // FRAME):
+            await client.send_pcm(pcm[i * FRAME:(i + 1) * FRAME])
+            await asyncio.sleep(0.08 if realtime else 0)
+
+    sender = asyncio.ensure_future(send())
+    try:
+        await asyncio.wait_for(_collect(client, result, expected), timeout)
+    finally:
+        sender.cancel()
+        await client.close()
+    return result
+
+
+async def _collect(client: DuplexClient, result: Transcript, expected: int) -> None:
+    async for event in client:
+        if isinstance(event, AudioEvent):
+            result.audio.append(event.pcm)
+        elif isinstance(event, TextEvent):
+            result.text.append(event.text)
+        elif isinstance(event, MetadataEvent):
+            if event.data.get("type") == "tokens":
+                result.tokens.append(event.data["tokens"])
+                if len(result.tokens) >= expected:
+                    return
+            else:
+                result.metadata.append(event.data)
+        elif isinstance(event, ErrorEvent):
+            result.errors.append(event.message)

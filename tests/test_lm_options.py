@@ -1,0 +1,93 @@
+"""Every supported config option builds, runs the forward pass and streams exactly like it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lm_test_utils import random_lm, random_user_codes, run
+from test_lm_generate import assert_streaming_equals_forward
+
+from duplex.model.generate import LMGen
+
+VARIANTS = {
+    "base": {},
+    "layer_norm": {"norm": "layer_norm"},
+    "rms_norm": {"norm": "rms_norm"},
+    "gating_none": {"gating": "none"},
+    "gating_gelu": {"gating": "gelu", "depformer_gating": "gelu"},
+    "sin_positions": {"positional_embedding": "sin", "depformer_pos_emb": "sin"},
+    "no_positions": {"positional_embedding": "none", "depformer_pos_emb": "rope"},
+    "layer_scale": {"layer_scale": 0.2, "depformer_layer_scale": 0.3},
+    "schedule": {"depformer_weights_per_step_schedule": (0, 1, 1)},
+    "shared_depth_weights": {"depformer_weights_per_step": False, "depformer_gating": "none"},
+    "low_rank": {"depformer_low_rank_embeddings": 4},
+    "single_linear": {"depformer_multi_linear": False},
+    "few_model_streams": {"n_q": 7, "dep_q": 2, "delays": (0, 0, 1, 0, 2, 1, 1, 0)},
+    "unlimited_context": {"context": None},
+    "no_delays": {"delays": (0,) * 7},
+    "own_text_padding": {"existing_text_padding_id": None},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_option_builds_forwards_and_streams(variant):
+    lm = random_lm(**VARIANTS[variant])
+    config = lm.config
+    codes = torch.randint(0, config.card, (2, config.num_codebooks, 9))
+    codes[:, 0] = torch.randint(0, config.text_card, (2, 9))
+    with torch.no_grad():
+        out = lm(codes)
+    assert out.logits.shape == (2, config.dep_q, 9, config.card)
+    assert out.text_logits.shape == (2, 1, 9, config.text_out_card)
+    assert torch.isfinite(out.logits[out.mask]).all()
+    assert_streaming_equals_forward(lm, random_user_codes(lm, 2, 14))
+
+
+def test_options_change_the_structure():
+    keys = {name: set(random_lm(**change).state_dict()) for name, change in VARIANTS.items()}
+    assert "depformer_emb.0.low_rank.weight" in keys["low_rank"] - keys["base"]
+    assert "depformer_in.2.weight" in keys["base"] - keys["schedule"]
+    assert "depformer_in.1.weight" in keys["base"] - keys["single_linear"]
+    assert "transformer.layers.0.layer_scale_1.scale" in keys["layer_scale"]
+    assert "transformer.layers.0.linear1.weight" in keys["gating_none"]
+    assert random_lm(existing_text_padding_id=None).text_linear.out_features == 31
+
+
+def test_missing_token_id_embeds_to_zero():
+    lm = random_lm()
+    codes = torch.randint(0, lm.config.card, (1, lm.config.num_codebooks, 6))
+    silent = codes.clone()
+    silent[:, 5] = -1  # a user stream with no input
+    with torch.no_grad():
+        assert torch.isfinite(lm(silent).logits[lm(silent).mask]).all()
+        assert not torch.equal(lm(silent).logits, lm(codes).logits)
+        codes[:, 1, 2] = -1
+        assert not lm(codes).mask[0, 0, 2]  # a missing target is masked out
+
+
+def test_unlimited_context_stream_is_bounded_by_max_steps():
+    lm = random_lm(context=None)
+    gen = LMGen(lm, use_sampling=False)
+    state = gen.init_state(1, max_steps=5)
+    run(gen, state, random_user_codes(lm, 1, 5))
+    with pytest.raises(ValueError, match="max_steps"):
+        run(gen, state, random_user_codes(lm, 1, 1))
+
+
+def test_forward_trains():
+    lm = random_lm().train()
+    codes = torch.randint(0, lm.config.card, (2, lm.config.num_codebooks, 9))
+    out = lm(codes)
+    targets = codes[:, 1:1 + lm.config.dep_q]
+    loss = torch.nn.functional.cross_entropy(out.logits[out.mask], targets[out.mask])
+    loss = loss + torch.nn.functional.cross_entropy(out.text_logits[out.text_mask], codes[:, :1][out.text_mask])
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lm.parameters())

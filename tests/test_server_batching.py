@@ -1,0 +1,119 @@
+"""Batched serving over real sockets: every session gets exactly its solo output.
+
+Token ids come from the server's test hook (``send_tokens``: one kind-4 message per frame).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import numpy as np
+import pytest
+from server_harness import FRAME, converse, live_server, load_tiny_models, synth_audio
+
+from duplex.client.client import DuplexClient
+
+
+@pytest.fixture(scope="module")
+def models(fixtures_dir, tiny_tokenizer_path):
+    return load_tiny_models(fixtures_dir, tiny_tokenizer_path)
+
+
+def solo_runs(url: str, inputs: list[np.ndarray]) -> list:
+    """Each input alone on the server (one after the other)."""
+    return [asyncio.run(converse(url, pcm)) for pcm in inputs]
+
+
+def ticks_with_more_sessions_than(server, n: int) -> float:
+    """How many ticks stepped more than ``n`` sessions with real frames."""
+    registry = server.service.metrics.registry
+    total = registry.get_sample_value("duplex_tick_sessions_count")
+    return total - registry.get_sample_value("duplex_tick_sessions_bucket", {"le": f"{float(n)}"})
+
+
+def active_and_queued(server) -> tuple[float, float]:
+    metrics = server.service.metrics
+    return metrics.active_sessions._value.get(), metrics.queue_length._value.get()
+
+
+def test_concurrent_sessions_equal_solo_sessions_and_greedy_is_deterministic(models):
+    inputs = [synth_audio(14, seed) for seed in range(4)]
+    with live_server(models, max_sessions=4, send_tokens=True, grace_ms=3000, torch_threads=1) as server:
+        solos = solo_runs(server.url, inputs)
+
+        async def together():
+            return await asyncio.gather(*(converse(server.url, pcm) for pcm in inputs))
+
+        batched = asyncio.run(together())
+        again = asyncio.run(converse(server.url, inputs[0]))
+        assert server.service.metrics.frames_late._value.get() == 0
+        assert ticks_with_more_sessions_than(server, 2) >= 5  # the sessions really shared ticks
+    for solo, both in zip(solos, batched):
+        assert len(solo.tokens) == 12
+        assert both.tokens == solo.tokens
+        assert both.text == solo.text
+    assert again.tokens == solos[0].tokens  # greedy: same input, same tokens ...
+    np.testing.assert_array_equal(np.concatenate(again.audio), np.concatenate(solos[0].audio))  # ... same audio
+    assert len({tuple(map(tuple, s.tokens)) for s in solos}) == 4  # different inputs, different outputs
+
+
+def test_join_leave_churn_keeps_outputs_exact_and_frees_every_slot(models):
+    rng = random.Random(7)
+    plans = [(rng.uniform(0.0, 1.5), rng.randint(6, 14), seed) for seed in range(7)]
+    inputs = [synth_audio(frames, seed) for _, frames, seed in plans]
+    with live_server(models, max_sessions=3, max_queue=8, send_tokens=True, grace_ms=3000,
+                     torch_threads=1) as server:
+        solos = solo_runs(server.url, inputs)
+
+        async def delayed(delay: float, pcm: np.ndarray):
+            await asyncio.sleep(delay)
+            return await converse(server.url, pcm)
+
+        async def churn():
+            return await asyncio.gather(*(delayed(d, pcm) for (d, _, _), pcm in zip(plans, inputs)))
+
+        results = asyncio.run(churn())
+        assert ticks_with_more_sessions_than(server, 1) >= 5
+        deadline = time.monotonic() + 10
+        while active_and_queued(server) != (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert active_and_queued(server) == (0, 0)
+        assert server.service.scheduler.active == 0 and server.service.admission.active == 0
+    for (_, frames, _), solo, result in zip(plans, solos, results):
+        assert len(result.tokens) == frames - 2
+        assert result.tokens == solo.tokens
+
+
+def test_stalled_and_vanished_clients_do_not_delay_or_corrupt_others(models):
+    steady = synth_audio(20, 11)
+    with live_server(models, max_sessions=3, send_tokens=True, grace_ms=40, torch_threads=1) as server:
+        solo = asyncio.run(converse(server.url, steady))
+
+        async def stall_forever():
+            client = await DuplexClient.connect(server.url, timeout=10)
+            await client.send_pcm(synth_audio(3, 12))  # then never sends or reads again
+            await asyncio.sleep(30)
+
+        async def vanish():
+            client = await DuplexClient.connect(server.url, timeout=10)
+            await client.send_pcm(synth_audio(4, 13))
+            await asyncio.sleep(0.5)
+            client.ws.transport.abort()
+
+        async def main():
+            stalled = asyncio.ensure_future(stall_forever())
+            vanished = asyncio.ensure_future(vanish())
+            await asyncio.sleep(0.3)
+            start = time.monotonic()
+            result = await converse(server.url, steady, realtime=True)
+            elapsed = time.monotonic() - start
+            stalled.cancel()
+            await asyncio.gather(stalled, vanished, return_exceptions=True)
+            return result, elapsed
+
+        result, elapsed = asyncio.run(main())
+        assert server.service.metrics.frames_late._value.get() > 0  # the stalled slot got silence
+    assert result.tokens == solo.tokens
+    assert elapsed < 20 * 0.08 + 2.0  # real time plus slack; a stalled peer costs at most one grace period
