@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from duplex.client.audio import FRAME_SIZE, frames
+from duplex.client.audio import FRAME_SIZE, SAMPLE_RATE, frames
 from duplex.client.client import AudioEvent, DuplexClient, ErrorEvent, MetadataEvent, TextEvent
 
 logger = logging.getLogger(__name__)
 
-FRAME_SECONDS = FRAME_SIZE / 24000
+FRAME_SECONDS = FRAME_SIZE / SAMPLE_RATE
 
 
 @dataclass

@@ -36,6 +36,7 @@ class BenchResult:
     batch_size: int
     encode_ms: float
     decode_ms: float
+    cpu_ms: float  # process CPU time per frame (all threads), encode + decode
 
     @property
     def real_time_factor(self) -> float:
@@ -54,10 +55,11 @@ def measure(mimi, batch_size: int, frames: int, warmup: int, seed: int = 0) -> B
     generator = torch.Generator().manual_seed(seed)
     audio = (0.1 * torch.randn(batch_size, 1, mimi.frame_size * (warmup + frames), generator=generator)).to(device)
     state = mimi.init_state(batch_size)
-    encode_times, decode_times = [], []
+    encode_times, decode_times, cpu_times = [], [], []
     with torch.inference_mode():
         for index, frame in enumerate(audio.split(mimi.frame_size, dim=-1)):
             _sync(device)
+            cpu_start = time.process_time()
             start = time.perf_counter()
             codes = mimi.encode_step(frame, state)
             _sync(device)
@@ -65,10 +67,13 @@ def measure(mimi, batch_size: int, frames: int, warmup: int, seed: int = 0) -> B
             mimi.decode_step(codes, state)
             _sync(device)
             end = time.perf_counter()
+            cpu_end = time.process_time()
             if index >= warmup:
                 encode_times.append(1000 * (middle - start))
                 decode_times.append(1000 * (end - middle))
-    return BenchResult(str(device), batch_size, statistics.median(encode_times), statistics.median(decode_times))
+                cpu_times.append(1000 * (cpu_end - cpu_start))
+    return BenchResult(str(device), batch_size, statistics.median(encode_times), statistics.median(decode_times),
+                       statistics.median(cpu_times))
 
 
 def _devices(choice: str) -> list[str]:
@@ -110,12 +115,13 @@ def _run(args: argparse.Namespace, devices: list[str]) -> None:
     dtype = getattr(torch, args.dtype)
     print(f"Mimi full size, random weights, {args.codebooks} codebooks, {args.dtype}, "
           f"{args.threads} CPU threads, medians over {args.frames} frames after {args.warmup} warm-up frames")
-    print(f"{'device':<8} {'batch':>5} {'encode ms':>10} {'decode ms':>10} {'total ms':>9} {'RTF':>6}")
+    print(f"{'device':<8} {'batch':>5} {'encode ms':>10} {'decode ms':>10} {'total ms':>9} {'RTF':>6} {'cpu ms':>7}")
     for device in devices:
         mimi = random_mimi(num_codebooks=args.codebooks, device=device, dtype=dtype)
         for batch_size in args.batch_sizes:
             result = measure(mimi, batch_size, args.frames, args.warmup)
             total = result.encode_ms + result.decode_ms
             print(f"{device:<8} {batch_size:>5} {result.encode_ms:>10.2f} {result.decode_ms:>10.2f} "
-                  f"{total:>9.2f} {result.real_time_factor:>6.3f}")
-    print("RTF = (encode + decode time per frame) / 80 ms of audio; per frame for the whole batch.")
+                  f"{total:>9.2f} {result.real_time_factor:>6.3f} {result.cpu_ms:>7.2f}")
+    print("Per frame for the whole batch. RTF = (encode + decode wall time) / 80 ms of audio.")
+    print("cpu ms = process CPU time per frame over all threads (wall >> cpu/threads means a busy machine).")

@@ -84,6 +84,8 @@ class MimiConfig:
             )
         if self.transformer.output_dimensions and len(self.transformer.output_dimensions) != 1:
             raise ValueError("Mimi's projected transformers have exactly one output")
+        if self.transformer.context is None:
+            raise ValueError("Mimi's transformers need a finite attention context to stream (context=None given)")
         if not 1 <= self.quantizer.n_q_semantic <= self.quantizer.n_q:
             raise ValueError(f"n_q_semantic must be in 1..n_q, got {self.quantizer.n_q_semantic}")
 

@@ -105,6 +105,7 @@ class StreamingConv1d(nn.Module):
         self.history = (kernel_size - 1) * dilation + 1 - stride
         if self.history < 0:
             raise ValueError(f"stride {stride} larger than the effective kernel {(kernel_size - 1) * dilation + 1}")
+        self.pack_()  # loaders replace the weight, then pack again (see loading.finish_model)
 
     def pack_(self) -> None:
         """Store the weight as [K, C_in, C_out] in memory (shape unchanged) for copy-free matrix products."""
@@ -128,8 +129,7 @@ class StreamingConv1d(nn.Module):
     def _convolve(self, padded: Tensor) -> Tensor:
         """Valid convolution of padded [B, L, C_in] -> [B, (L - kernel_eff) / stride + 1, C_out]."""
         steps = (padded.shape[1] - self.history - self.stride) // self.stride + 1
-        if self.stride == 1 and self.kernel_size > 1 and self.in_channels >= SHIFTED_MIN_CHANNELS \
-                and steps >= SHIFTED_MIN_STEPS:
+        if self._shifted_ok(steps):
             return self._convolve_shifted(padded, steps)
         batch, length, channels = padded.shape
         if self.kernel_size == 1:
@@ -149,20 +149,38 @@ class StreamingConv1d(nn.Module):
             out = torch.addmm(bias, columns, self._matrix())
         return out.view(batch, steps, self.out_channels)
 
+    def _shifted_ok(self, steps: int) -> bool:
+        """Long outputs are cheaper as a few shifted products than through an im2col copy."""
+        blocks_fit = self.stride == 1 or (self.dilation == 1 and self.kernel_size % self.stride == 0)
+        return (
+            blocks_fit
+            and self.kernel_size > 1
+            and steps >= SHIFTED_MIN_STEPS
+            and self.stride * self.in_channels >= SHIFTED_MIN_CHANNELS
+        )
+
     def _convolve_shifted(self, padded: Tensor, steps: int) -> Tensor:
-        """Stride-1 conv as K accumulated products of shifted views (no im2col copy): [B, L, C] -> [B, T, C_out]."""
-        batch = padded.shape[0]
-        taps = self.conv.conv.weight.permute(2, 1, 0)  # [K, C_in, C_out], contiguous once packed
+        """Conv as accumulated products of shifted views, no im2col copy: [B, L, C_in] -> [B, T_out, C_out].
+
+        The input is cut into blocks of `stride` steps ([B, L / S, S * C_in], a view); output t then sums
+        block (t + j * shift) times weight slice j, with `kernel / stride` slices (K taps when S = 1).
+        """
+        batch, length, channels = padded.shape
+        stride = self.stride
+        blocks = padded.reshape(batch, length // stride, stride * channels)  # [B, L / S, S * C_in]
+        taps = self.conv.conv.weight.permute(2, 1, 0).reshape(-1, stride * channels, self.out_channels)
+        shift = self.dilation if stride == 1 else 1
         bias = self.conv.conv.bias
-        start = bias.expand(batch, steps, self.out_channels) if bias is not None else None
         out = None
-        for tap in range(self.kernel_size):
-            shifted = padded[:, tap * self.dilation : tap * self.dilation + steps]  # [B, T, C_in] view
-            weight = taps[tap].expand(batch, -1, -1)  # [B, C_in, C_out], no copy
-            if out is None:
-                out = torch.bmm(shifted, weight) if start is None else torch.baddbmm(start, shifted, weight)
-            else:
+        for index in range(taps.shape[0]):
+            shifted = blocks[:, index * shift : index * shift + steps]  # [B, T_out, S * C_in], a view
+            weight = taps[index].expand(batch, -1, -1)  # [B, S * C_in, C_out], no copy
+            if out is not None:
                 out.baddbmm_(shifted, weight)
+            elif bias is not None:
+                out = torch.baddbmm(bias.expand(batch, steps, self.out_channels), shifted, weight)
+            else:
+                out = torch.bmm(shifted, weight)
         return out
 
     def forward(self, x: Tensor, state: Conv1dState | None = None, activate: bool = False) -> Tensor:
@@ -226,6 +244,7 @@ class StreamingConvTranspose1d(nn.Module):
         self.stride = stride
         self.groups = groups
         self.blocks = kernel_size // stride  # output blocks of `stride` steps produced per input step
+        self.pack_()
 
     def pack_(self) -> None:
         """Store the weight as [C_in, K, C_out] (or [K, C] when depthwise) in memory, shape unchanged."""

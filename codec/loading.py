@@ -111,6 +111,14 @@ def load_mimi(
     return finish_model(model)
 
 
+def save_mimi(model: Mimi, path: str | Path) -> None:
+    """Write the model's weights as a Kyutai-format safetensors file (contiguous copies of packed weights)."""
+    from safetensors.torch import save_file
+
+    tensors = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
+    save_file(tensors, str(path))
+
+
 def random_mimi(
     config: MimiConfig | None = None,
     num_codebooks: int = 8,

@@ -89,8 +89,8 @@ def main(args: argparse.Namespace) -> int:
 def build_random_lm(config: LMConfig, device: torch.device, dtype: torch.dtype) -> LMModel:
     """An LM with random weights, allocated once on the device (no float32 copy of a 7B model)."""
     with torch.device("meta"):
-        lm = LMModel(config)
-    lm = lm.to_empty(device=device).to(dtype).eval()
+        lm = LMModel(config, dtype=dtype)
+    lm = lm.to_empty(device=device).eval()
     generator = torch.Generator(device=device).manual_seed(0)
     for name, param in lm.named_parameters():
         if name.endswith(("alpha", ".scale")) or "norm" in name:
@@ -123,7 +123,7 @@ def measure(lm: LMModel, batch: int, steps: int, warmup: int, sampling: bool) ->
         times = _timed_step(gen, state, user, device)
         if index >= warmup:
             timings.append((*times, (time.process_time() - cpu_start) * 1e3))
-    temporal, depth, total, cpu = (sorted(column) for column in zip(*timings))
+    temporal, depth, total, cpu = (sorted(column) for column in zip(*timings, strict=True))
     step = statistics.median(total)
     return {
         "temporal": statistics.median(temporal), "depth": statistics.median(depth), "step": step,

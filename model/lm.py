@@ -140,7 +140,7 @@ class LMModel(nn.Module):
         self._check_codes(codes)
         codes = codes.long()
         c = self.config
-        batch, streams, steps = codes.shape
+        batch, streams, _ = codes.shape
         initial = self.initial_tokens(codes.device)[None, :, None].expand(batch, streams, 1)  # [B, K, 1]
         delayed = delay_codes(codes, c.delays, initial[0, :, 0])  # [B, K, T]
         inputs = torch.cat([initial, delayed[:, :, :-1]], dim=2)  # [B, K, T]

@@ -86,6 +86,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    logging.getLogger("duplex.server.sessions").setLevel(logging.WARNING)  # one line per client is noise here
     models = load_bench_models(args)
     audio = bench_audio(args.input, args.seconds)
     print(f"model {models.model_name} on {models.device} ({str(models.dtype).replace('torch.', '')}), "

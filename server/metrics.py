@@ -41,8 +41,8 @@ class ServerMetrics:
             "duplex_frames_late", "Ticks where a running session had no frame (silence was used)", registry=r,
         )
         self.frames_dropped = Counter(
-            "duplex_frames_dropped", "Frames discarded: in = undecodable user audio, out = slow client",
-            ["direction"], registry=r,
+            "duplex_frames_dropped", "Frames discarded: in = user audio sent before the session started "
+            "(while queued), out = model frames never sent (client too slow or gone)", ["direction"], registry=r,
         )
         self.bytes = Counter("duplex_bytes", "Websocket payload bytes", ["direction"], registry=r)
         self.sessions_ended = Counter("duplex_sessions_ended", "Finished sessions by reason", ["reason"],

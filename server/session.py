@@ -162,7 +162,8 @@ class Session:
             try:
                 parsed = self._parse(message)
                 if parsed.kind is MessageKind.AUDIO:
-                    self._decode(parsed.payload)
+                    dropped = self._decode(parsed.payload).size / self.service.frame_size
+                    self.service.metrics.frames_dropped.labels("in").inc(dropped)
             except ProtocolError as exc:
                 return str(exc)
 

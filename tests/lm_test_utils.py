@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -16,6 +17,15 @@ TINY = LMConfig(
     hidden_scale=2, context=5, gating="silu", norm="rms_norm_f32", positional_embedding="rope",
     depformer_dim=16, depformer_num_heads=2, depformer_num_layers=1, depformer_multi_linear=True,
     depformer_gating="silu", depformer_pos_emb="none", depformer_weights_per_step=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models: a second torch thread costs more in hand-offs than it saves (import to use)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def fixture_lm(fixtures_dir, name: str) -> tuple[LMModel, dict[str, torch.Tensor]]:
@@ -65,3 +75,17 @@ def teacher_forcing_codes(gen: LMGen, tokens: torch.Tensor, user_codes: torch.Te
     generated = tokens[:, :, delay:delay + steps]  # [B, 1 + dep_q, T']
     user = user_codes[:, :, 1:1 + steps]
     return torch.cat([generated, user], dim=1)
+
+
+def assert_streaming_equals_forward(lm, user_codes):
+    """Feeding generated tokens back through lm(codes) gives the same argmaxes."""
+    gen = LMGen(lm, use_sampling=False)
+    tokens, _ = run(gen, gen.init_state(user_codes.shape[0]), user_codes)
+    codes = teacher_forcing_codes(gen, tokens, user_codes)
+    with torch.no_grad():
+        out = lm(codes)
+    dep_q = lm.config.dep_q
+    assert out.mask.any() and out.text_mask.all()
+    assert torch.equal(out.text_logits.argmax(-1), codes[:, :1])
+    predicted = out.logits.argmax(-1)
+    assert torch.equal(predicted[out.mask], codes[:, 1:1 + dep_q][out.mask])

@@ -13,7 +13,7 @@ def test_bench_codec_prints_a_table(capsys):
     args = parser.parse_args(["--frames", "2", "--warmup", "1", "--batch-sizes", "1", "2", "--device", "cpu"])
     assert bench.main(args) == 0
     out = capsys.readouterr().out
-    rows = [line.split() for line in out.splitlines() if line.startswith("cpu")]
+    rows = [line.split() for line in out.splitlines() if line.startswith("cpu ") and line.split()[1].isdigit()]
     assert [row[1] for row in rows] == ["1", "2"]
     assert all(float(value) > 0 for row in rows for value in row[2:])
 

@@ -47,6 +47,7 @@ def test_conv_matches_left_padded_conv1d(kernel, stride, dilation, packed):
 @pytest.mark.parametrize("packed", [False, True])
 def test_shifted_path_with_fused_elu(packed):
     """Long stride-1 convs with enough channels take the shifted-product path; ELU can be fused in."""
+    assert StreamingConv1d(16, 8, 3, dilation=2)._shifted_ok(128)
     conv = _randomize(StreamingConv1d(16, 8, 3, dilation=2))
     if packed:
         conv.pack_()
@@ -58,6 +59,18 @@ def test_shifted_path_with_fused_elu(packed):
         state = conv.init_state(2, 128)
         outputs = [conv(x[:, :128], state, activate=True), conv(x[:, 128:], state, activate=True)]
         assert torch.allclose(torch.cat(outputs, dim=1), expected, atol=1e-5)
+
+
+def test_strided_shifted_path():
+    conv = _randomize(StreamingConv1d(8, 4, 6, 3))
+    assert conv._shifted_ok(128)
+    x = torch.randn(2, 3 * 160, 8)
+    expected = F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), conv.conv.conv.weight, conv.conv.conv.bias, 3)
+    with torch.no_grad():
+        conv.pack_()
+        state = conv.init_state(2, 3 * 130)
+        out = torch.cat([conv(x[:, : 3 * 130], state), conv(x[:, 3 * 130 :], state)], dim=1)
+    assert torch.allclose(out, expected.transpose(1, 2), atol=1e-5)
 
 
 def test_replicate_padding_and_reset():

@@ -122,6 +122,19 @@ def test_loaded_model_has_no_meta_tensors_and_derived_centroids(tiny, tiny_weigh
     assert torch.allclose(codebook.centroids, expected)
 
 
+def test_save_and_reload_round_trip(tiny, tiny_weights, fixtures_dir, tmp_path):
+    from duplex.codec import save_mimi
+
+    path = tmp_path / "mimi.safetensors"
+    save_mimi(tiny, path)
+    saved = load_file(str(path))
+    assert saved.keys() == tiny_weights.keys()
+    assert all(torch.equal(saved[key], tiny_weights[key]) for key in saved)
+    reloaded = _load(path, fixtures_dir)
+    audio = torch.randn(1, 1, 3 * FRAME)
+    assert torch.equal(reloaded.encode(audio), tiny.encode(audio))
+
+
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     ("audio", "message"),

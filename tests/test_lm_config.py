@@ -18,7 +18,7 @@ def _keys_tsv(path):
     for line in path.read_text().splitlines():
         if line.strip():
             name, shape, dtype = line.split("\t")
-            rows[name] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+            rows[name] = (tuple(int(s) for s in shape.strip("()").split(",") if s.strip()), dtype.strip())
     return rows
 
 
@@ -27,7 +27,7 @@ def test_7b_on_meta_matches_published_keys_and_shapes(fixtures_dir):
     assert config == LMConfig.moshi_7b()
     with torch.device("meta"):
         model = LMModel(config, dtype=torch.bfloat16)
-    ours = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    ours = {name: (tuple(t.shape), str(t.dtype)) for name, t in model.state_dict().items()}
     published = _keys_tsv(fixtures_dir / "moshi_7b_keys.tsv")
     assert sorted(set(published) - set(ours)) == []
     assert sorted(set(ours) - set(published)) == []

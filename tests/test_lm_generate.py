@@ -4,36 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lm_test_utils import fixture_lm, random_lm, random_user_codes, run, teacher_forcing_codes
+from lm_test_utils import assert_streaming_equals_forward, fixture_lm, random_lm, random_user_codes, run
+from lm_test_utils import single_thread  # noqa: F401  (autouse fixture)
 
 from duplex.model.generate import LMGen
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=["lm_tiny", "lm_options_tiny"])
 def fixture_model(request, fixtures_dir):
     return fixture_lm(fixtures_dir, request.param)[0]
-
-
-def assert_streaming_equals_forward(lm, user_codes):
-    """Feeding generated tokens back through lm(codes) gives the same argmaxes."""
-    gen = LMGen(lm, use_sampling=False)
-    tokens, _ = run(gen, gen.init_state(user_codes.shape[0]), user_codes)
-    codes = teacher_forcing_codes(gen, tokens, user_codes)
-    with torch.no_grad():
-        out = lm(codes)
-    dep_q = lm.config.dep_q
-    assert out.mask.any() and out.text_mask.all()
-    assert torch.equal(out.text_logits.argmax(-1), codes[:, :1])
-    predicted = out.logits.argmax(-1)
-    assert torch.equal(predicted[out.mask], codes[:, 1:1 + dep_q][out.mask])
 
 
 def test_streaming_equals_teacher_forced_past_context(fixture_model):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lm_test_utils import random_lm, random_user_codes, run
-from test_lm_generate import assert_streaming_equals_forward
+from lm_test_utils import assert_streaming_equals_forward, random_lm, random_user_codes, run
+from lm_test_utils import single_thread  # noqa: F401  (autouse fixture)
 
 from duplex.model.generate import LMGen
 
@@ -27,14 +27,6 @@ VARIANTS = {
     "no_delays": {"delays": (0,) * 7},
     "own_text_padding": {"existing_text_padding_id": None},
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

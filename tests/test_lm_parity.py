@@ -5,18 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from lm_test_utils import fixture_lm, run
+from lm_test_utils import single_thread  # noqa: F401  (autouse fixture)
 
 from duplex.model.generate import LMGen
 
 FIXTURES = ["lm_tiny", "lm_options_tiny"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than they save
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", FIXTURES)

@@ -5,19 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from lm_test_utils import fixture_lm, random_user_codes, run
+from lm_test_utils import single_thread  # noqa: F401  (autouse fixture)
 
 from duplex.model.generate import LMGen
 from duplex.model.sampling import SlotSampling, gumbel_noise, mix32, sample_tokens, slot_keys
 
 VOCAB = 50
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def draw(logits, *, use_sampling=True, temp=1.0, top_k=0, clock=0, seeds=None):

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from lm_test_utils import fixture_lm, run
+from lm_test_utils import single_thread  # noqa: F401  (autouse fixture)
 from safetensors.torch import load_file
 
 from duplex.codec.mimi import Mimi
 from duplex.model.generate import LMGen
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_pipeline_matches_reference(fixtures_dir):

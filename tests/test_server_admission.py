@@ -108,6 +108,7 @@ def test_audio_sent_while_queued_is_dropped_but_keeps_the_ogg_stream_valid(model
             return queued
 
         assert asyncio.run(main()) == {"type": "queue", "queue_position": 1}
+        assert server.service.metrics.frames_dropped.labels("in")._value.get() == 4
 
 
 def test_session_time_limit_is_announced_and_enforced(models):

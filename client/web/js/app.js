@@ -78,11 +78,19 @@ function setMessage(text, tone = "info") {
   message.dataset.tone = tone;
 }
 
+function setMuted(muted) {
+  const button = $("mute-button");
+  button.setAttribute("aria-pressed", String(muted));
+  $("mute-label").textContent = muted ? "Muted" : "Mute";
+  if (page.call) page.call.setMuted(muted);
+}
+
 function setStatus(state, text) {
   $("status-dot").dataset.state = state;
   $("status-text").textContent = text;
   const button = $("call-button");
   const active = ACTIVE_STATES.has(state);
+  $("mute-button").disabled = !active;
   button.dataset.state = active ? "active" : "idle";
   $("call-label").textContent = active ? "End call" : "Start call";
   document.body.dataset.callState = state;
@@ -126,6 +134,7 @@ function onEnded({ reason, message }) {
   if (reason !== "error") setMessage(message, "info");
   page.meters.user.reset();
   page.meters.model.reset();
+  setMuted(false);
   const call = page.call;
   page.lastCall = call;
   page.call = null;
@@ -148,6 +157,7 @@ function startCall() {
   const call = new Call(chatUrl(window.location, query));
   page.call = call;
   window.duplexCall = call;
+  setMuted(false);
   call
     .on("state", (state, detail) => {
       if (state === "live") {
@@ -210,6 +220,7 @@ function main() {
   page.meters = { user: new LevelMeter($("mic-meter")), model: new LevelMeter($("model-meter")) };
   page.transcript = new TranscriptView($("transcript"));
   $("call-button").addEventListener("click", onCallButton);
+  $("mute-button").addEventListener("click", () => setMuted($("mute-button").getAttribute("aria-pressed") !== "true"));
   $("download-audio").addEventListener("click", () => page.lastCall && download(page.lastCall.recorder.toWav(), timestampName("wav")));
   $("download-transcript").addEventListener("click", downloadTranscript);
   setupSettings();

@@ -44,6 +44,7 @@ export class Call {
     this.playback = { bufferedMs: 0, targetMs: 0, underruns: 0, playedSamples: 0, droppedSamples: 0, playing: false };
     this.endedByUser = false;
     this.failed = false;
+    this.muted = false;
   }
 
   on(name, handler) {
@@ -163,8 +164,14 @@ export class Call {
     if (isAudio) this.counters.audioPagesOut++;
   }
 
+  /** Muted: the call goes on, with silence sent in place of the microphone (the server expects a steady stream). */
+  setMuted(muted) {
+    this.muted = Boolean(muted);
+  }
+
   #onMicBlock({ samples, position, rms, peak }) {
-    this.#emit("level", { side: "user", rms, peak });
+    if (this.muted) samples.fill(0);
+    this.#emit("level", { side: "user", rms: this.muted ? 0 : rms, peak: this.muted ? 0 : peak });
     if (this.state !== "live") return;
     this.recorder.addUser(position, samples);
     this.encoder.encode(samples);
@@ -242,6 +249,7 @@ export class Call {
     const now = performance.now();
     return {
       state: this.state,
+      muted: this.muted,
       ...this.counters,
       secondsLive: this.counters.handshakeAt === null ? 0 : (now - this.counters.handshakeAt) / 1000,
       bytesOut: this.bitrateOut.bytes,
