@@ -49,6 +49,14 @@ class ConvTranspose1dState:
         self.partial.masked_fill_(mask[:, None, None], 0.0)
 
 
+def elu_into(x: Tensor, out: Tensor) -> Tensor:
+    """out = ELU(x) (alpha 1) as max(x, exp(min(x, 0)) - 1): exp is several times cheaper than expm1 on CPU,
+    and the absolute difference to torch's ELU stays below 1e-7. `out` may be a strided view (a buffer slice)."""
+    torch.clamp(x, max=0.0, out=out)
+    out.exp_().sub_(1.0)
+    return torch.maximum(out, x, out=out)
+
+
 class _NormConv1d(nn.Module):
     """Kyutai's `NormConv1d` with norm "none": only holds the convolution (for the `.conv.conv` key path)."""
 
@@ -198,7 +206,7 @@ class StreamingConv1d(nn.Module):
         if buffer.shape[1] != history + length:
             return self._forward_other_length(F.elu(x) if activate else x, state)
         if activate:
-            torch.ops.aten.elu.out(x, 1.0, 1, 1, out=buffer[:, history:])  # ELU written straight into the buffer
+            elu_into(x, buffer[:, history:])  # ELU written straight into the buffer
         else:
             buffer[:, history:].copy_(x)
         y = self._convolve(buffer)

@@ -37,6 +37,12 @@ def _inference(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _after_load(module: Mimi, incompatible_keys: Any) -> None:
+    """After any load_state_dict: derive the codebook centroids and re-pack conv weights."""
+    module.quantizer.refresh_centroids()
+    module.pack_()
+
+
 class Mimi(nn.Module):
     """Mimi as published (SEANet + transformers + split RVQ); module paths match Kyutai's checkpoint keys."""
 
@@ -57,6 +63,7 @@ class Mimi(nn.Module):
         self.offline_chunk_frames = 1
         self._num_codebooks = 0
         self.num_codebooks = num_codebooks
+        self.register_load_state_dict_post_hook(_after_load)
 
     # ------------------------------------------------------------------ properties
     @property

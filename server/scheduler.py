@@ -21,9 +21,9 @@ batched call and costs at most one frame of added latency per session.
 
 Backlog: the inbox holds at most ``inbox_frames`` frames. A client that sends faster than real
 time (file streaming) is throttled by backpressure (the session stops reading its socket), so no
-user audio is ever dropped, and a fast client never makes the ticks of real-time peers run faster.
-Known limit: a client whose audio clock runs faster than the slowest peer's slowly fills its inbox
-(0.01 % drift = 0.36 s per hour); ``--max-session-seconds`` bounds it.
+user audio of a started session is ever dropped, and a fast client never makes the ticks of
+real-time peers run faster. Known limit: a client whose audio clock runs faster than the slowest
+peer's slowly builds a backlog (0.01 % drift = 0.36 s per hour); ``--max-session-seconds`` bounds it.
 A session's first frame is handled by the engine's first frame rule; a joined session is not
 waited for until its first frame has been stepped.
 """

@@ -61,6 +61,15 @@ def test_shifted_path_with_fused_elu(packed):
         assert torch.allclose(torch.cat(outputs, dim=1), expected, atol=1e-5)
 
 
+def test_elu_into_matches_torch_elu():
+    from duplex.codec.conv import elu_into
+
+    x = torch.cat([torch.linspace(-30, 30, 2001), torch.tensor([0.0, -0.0, 1e-8, -1e-8])]).view(1, -1, 1)
+    buffer = torch.zeros(1, x.shape[1] + 3, 1)
+    elu_into(x, buffer[:, 3:])
+    assert (buffer[:, 3:] - F.elu(x)).abs().max() < 1e-7
+
+
 def test_strided_shifted_path():
     conv = _randomize(StreamingConv1d(8, 4, 6, 3))
     assert conv._shifted_ok(128)

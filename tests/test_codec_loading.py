@@ -135,6 +135,13 @@ def test_save_and_reload_round_trip(tiny, tiny_weights, fixtures_dir, tmp_path):
     assert torch.equal(reloaded.encode(audio), tiny.encode(audio))
 
 
+def test_plain_load_state_dict_derives_centroids(tiny, tiny_weights, fixtures_dir):
+    mimi = Mimi(MimiConfig.from_kyutai(fixtures_dir / "mimi_tiny" / "config.json"))
+    mimi.load_state_dict(tiny_weights)
+    audio = torch.randn(2, 1, 2 * FRAME)
+    assert torch.equal(mimi.encode(audio), tiny.encode(audio))
+
+
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     ("audio", "message"),

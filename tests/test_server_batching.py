@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from server_harness import FRAME, converse, live_server, load_tiny_models, synth_audio
+from server_harness import converse, live_server, load_tiny_models, synth_audio
 
 from duplex.client.client import DuplexClient
 

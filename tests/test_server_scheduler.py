@@ -105,7 +105,8 @@ def test_real_time_clients_out_of_phase_are_never_late():
 
 def test_a_stalled_client_gets_silence_and_delays_the_others_at_most_once():
     values_a = [float(i + 1) for i in range(14)]
-    engine, metrics, pushes = run_scenario({0: (values_a, 0.0, True), 1: ([50.0, 51.0, 52.0], 0.02, False)}, grace_s=0.06)
+    plans = {0: (values_a, 0.0, True), 1: ([50.0, 51.0, 52.0], 0.02, False)}  # B stops after 3 frames
+    engine, metrics, pushes = run_scenario(plans, grace_s=0.06)
     steps = engine.steps
     b_values = [v[1] for _, v in steps]
     assert b_values[:3] == [50.0, 51.0, 52.0] or b_values[1:4] == [50.0, 51.0, 52.0]
