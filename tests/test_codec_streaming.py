@@ -100,6 +100,16 @@ def test_reset_encoder_only_keeps_decoder_running(tiny, audio):
     assert_codes_match(tiny, tiny.encode_latent(restarted), continued[1:], tiny.encode(restarted))
 
 
+def test_reset_decoder_only(tiny, audio):
+    codes = tiny.encode(audio[:, :, : 12 * FRAME])
+    state = tiny.init_state(2)
+    stream_decode(tiny, codes[:, :, :6], state)
+    state.reset_decoder(torch.tensor([True, False]))
+    rest = stream_decode(tiny, codes[:, :, 6:], state)
+    assert (rest[:1] - tiny.decode(codes[:1, :, 6:])).abs().max() < 1e-5  # restarted
+    assert (rest[1:] - tiny.decode(codes[1:])[:, :, 6 * FRAME :]).abs().max() < 1e-5  # carried on
+
+
 def test_encoder_is_causal(tiny, audio):
     changed = audio.clone()
     cut = 17 * FRAME + 500
