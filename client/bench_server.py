@@ -80,7 +80,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"duplex bench server: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print_report(record, server_latencies, in_process=not args.url)
-    return 0 if record.frames_lost == 0 else 2
+    if record.server_error:
+        print(f"duplex bench server: the server ended the session: {record.server_error}", file=sys.stderr)
+    return 0 if record.frames_lost == 0 and not record.server_error else 2
 
 
 def stream_audio(path: Path | None, seconds: float) -> np.ndarray:
@@ -123,7 +125,7 @@ def run_in_process(args: argparse.Namespace, audio: np.ndarray) -> tuple[RunReco
 
 async def measure(url: str, audio: np.ndarray, lag_frames: int) -> RunRecord:
     """Stream ``audio`` in real time and time every model frame; server metrics before and after."""
-    from duplex.client.client import AudioEvent, DuplexClient
+    from duplex.client.client import AudioEvent, DuplexClient, ErrorEvent
 
     http = url.replace("ws://", "http://").replace("wss://", "https://").split("/api/")[0]
     before = await fetch_metrics(http)
@@ -141,6 +143,8 @@ async def measure(url: str, audio: np.ndarray, lag_frames: int) -> RunRecord:
                 while pending >= FRAME_SIZE:
                     record.recv_times.append(time.perf_counter())
                     pending -= FRAME_SIZE
+            elif isinstance(event, ErrorEvent):
+                record.server_error = event.message
 
     receiver = asyncio.ensure_future(receive())
     try:
@@ -160,13 +164,20 @@ async def measure(url: str, audio: np.ndarray, lag_frames: int) -> RunRecord:
 
 
 async def _send_in_real_time(client, audio: np.ndarray, record: RunRecord) -> None:
+    """One frame every 80 ms on an absolute clock, until the audio ends or the server hangs up."""
+    import websockets
+
     start = time.perf_counter()
     for index in range(audio.size // FRAME_SIZE):
         delay = start + index * FRAME_SECONDS - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         record.send_times.append(time.perf_counter())
-        await client.send_pcm(audio[index * FRAME_SIZE : (index + 1) * FRAME_SIZE])
+        try:
+            await client.send_pcm(audio[index * FRAME_SIZE : (index + 1) * FRAME_SIZE])
+        except websockets.ConnectionClosed:
+            record.server_error = record.server_error or "the server closed the connection"
+            return
 
 
 async def _wait_for_tail(record: RunRecord, receiver: asyncio.Future, quiet: float = 1.0) -> None:

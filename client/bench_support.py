@@ -27,6 +27,7 @@ class RunRecord:
     process_cpu_s: float = 0.0
     machine_cpu_percent: float = 0.0
     server_delta: dict[str, float] = field(default_factory=dict)  # /metrics after - before
+    server_error: str | None = None  # a kind-5 message, or why the connection ended early
 
     @property
     def frames_expected(self) -> int:

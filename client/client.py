@@ -88,9 +88,15 @@ class DuplexClient:
     async def connect(cls, url: str, params: Mapping[str, object] | None = None,
                       on_metadata: Callable[[dict], None] | None = None,
                       timeout: float | None = None, ssl=None) -> "DuplexClient":
-        """Open a session; waits (also while queued) for the handshake, at most ``timeout`` seconds."""
+        """Open a session; waits (also while queued) for the handshake, at most ``timeout`` seconds.
+
+        ``ssl``: an ``ssl.SSLContext`` for a wss:// URL (None: the system's default verification).
+        """
+        if ssl is not None and not url.lower().startswith("wss://"):
+            raise ValueError(f"an ssl context was given but {url!r} is not a wss:// URL")
+        options = {"ssl": ssl} if ssl is not None else {}  # websockets refuses ssl=None for wss://
         try:
-            ws = await websockets.connect(chat_url(url, params), max_size=None, ssl=ssl)
+            ws = await websockets.connect(chat_url(url, params), max_size=None, **options)
         except (OSError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
             raise ServerError(f"cannot connect to {url}: {exc}") from exc
         try:

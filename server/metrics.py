@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import deque
 from dataclasses import asdict, dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -15,6 +16,10 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Step stages take from tens of microseconds (tiny model) to tens of milliseconds (7B on a GPU).
 _STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.04, 0.06,
                  0.08, 0.1, 0.15, 0.25, 0.5, 1.0)
+# A user frame's server-side latency: one step plus waiting for the tick (real time) up to seconds (backlog).
+_FRAME_LATENCY_BUCKETS = (0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0,
+                          2.0, 5.0, 10.0)
+RECENT_FRAME_LATENCIES = 100_000  # raw latencies kept for exact percentiles (benchmarks)
 
 
 class ServerMetrics:
@@ -49,6 +54,11 @@ class ServerMetrics:
                                       registry=r)
         self.rejected = Counter("duplex_rejected", "Connections refused before a session started", ["reason"],
                                 registry=r)
+        self.frame_latency = Histogram(
+            "duplex_frame_latency_seconds", "User frame complete at the server (decoded) -> the websocket send "
+            "of the model audio of the step that consumed it completed", buckets=_FRAME_LATENCY_BUCKETS, registry=r,
+        )
+        self.recent_frame_latencies: deque[float] = deque(maxlen=RECENT_FRAME_LATENCIES)  # raw seconds
         for stage in ("encode", "lm", "decode", "total"):
             self.step_seconds.labels(stage)
         for direction in ("in", "out"):
@@ -62,6 +72,11 @@ class ServerMetrics:
         self.step_seconds.labels("decode").observe(decode)
         self.step_seconds.labels("total").observe(encode + lm + decode)
         self.ticks.inc()
+
+    def observe_frame_latency(self, seconds: float) -> None:
+        """Record one user frame's server-side latency (histogram and the raw recent values)."""
+        self.frame_latency.observe(seconds)
+        self.recent_frame_latencies.append(seconds)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""

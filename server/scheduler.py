@@ -20,8 +20,9 @@ LM delay buffers) to support masked, per-slot state updates; lockstep keeps the 
 batched call and costs at most one frame of added latency per session.
 
 Backlog: the inbox holds at most ``inbox_frames`` frames. A client that sends faster than real
-time (file streaming) is throttled by backpressure (the session stops reading its socket), so no
-user audio of a started session is ever dropped, and a fast client never makes the ticks of
+time (file streaming) is throttled by backpressure (the session's feeder waits; once the session's
+bounded receive buffer is full too, it stops reading its socket), so no user audio of a started
+session is ever dropped, and a fast client never makes the ticks of
 real-time peers run faster. Known limit: a client whose audio clock runs faster than the slowest
 peer's slowly builds a backlog (0.01 % drift = 0.36 s per hour); ``--max-session-seconds`` bounds it.
 A session's first frame is handled by the engine's first frame rule; a joined session is not
@@ -49,8 +50,9 @@ logger = logging.getLogger(__name__)
 class OutputSink(Protocol):
     """Receives a slot's output on the event loop thread."""
 
-    def deliver(self, pcm: np.ndarray, text_id: int, tokens: np.ndarray) -> None:
-        """One output frame: [1920] audio, the text token id, all [1 + dep_q] token ids."""
+    def deliver(self, pcm: np.ndarray, text_id: int, tokens: np.ndarray, arrived: float | None) -> None:
+        """One output frame: [1920] audio, the text token id, all [1 + dep_q] token ids, and the
+        ``time.perf_counter()`` arrival of the user frame its step consumed (None: silence was stepped)."""
 
     def fail(self, reason: str) -> None:
         """The scheduler cannot go on: end the session with ``reason``."""
@@ -62,18 +64,21 @@ class SchedulerFull(RuntimeError):
 
 @dataclass(eq=False)
 class SlotHandle:
-    """One session's binding to a batch slot. Fields below ``inbox`` are guarded by the scheduler lock."""
+    """One session's binding to a batch slot. Fields from ``inbox`` to ``frames_late`` are guarded by the
+    scheduler lock; ``tick_arrival`` is the worker thread's own."""
 
     slot: int
     sink: OutputSink
     loop: asyncio.AbstractEventLoop
     sampling: SlotSampling
     inbox: deque = field(default_factory=deque)
+    arrivals: deque = field(default_factory=deque)  # arrival time of each inbox frame (or None)
     started: bool = False  # its first frame has been stepped
     stalled: bool = False  # missed the last tick; not waited for
     closed: bool = False
     frames_in: int = 0
     frames_late: int = 0
+    tick_arrival: float | None = None  # arrival time of the frame stepped in the current tick
     space: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -140,20 +145,26 @@ class Scheduler:
                 return
             handle.closed = True
             handle.inbox.clear()
+            handle.arrivals.clear()
             if self._handles[handle.slot] is handle:
                 self._handles[handle.slot] = None
                 self.metrics.active_sessions.dec()
             self._cond.notify_all()
         handle.space.set()
 
-    async def push(self, handle: SlotHandle, frame: np.ndarray) -> None:
-        """Queue one [1920] frame for the session, waiting while its inbox is full (backpressure)."""
+    async def push(self, handle: SlotHandle, frame: np.ndarray, arrived: float | None = None) -> None:
+        """Queue one [1920] frame for the session, waiting while its inbox is full (backpressure).
+
+        ``arrived`` (``time.perf_counter()`` when the frame reached the server) travels with the
+        frame to the output of the step that consumes it, for the per-frame latency metric.
+        """
         while True:
             with self._cond:
                 if handle.closed:
                     return
                 if len(handle.inbox) < self.inbox_frames:
                     handle.inbox.append(frame)
+                    handle.arrivals.append(arrived)
                     self._cond.notify_all()
                     return
                 handle.space.clear()
@@ -207,6 +218,7 @@ class Scheduler:
         for handle in bound:
             if handle.inbox:
                 self._pcm[handle.slot] = handle.inbox.popleft()
+                handle.tick_arrival = handle.arrivals.popleft()
                 handle.loop.call_soon_threadsafe(handle.space.set)
                 handle.stalled = False
                 handle.frames_in += 1
@@ -214,6 +226,7 @@ class Scheduler:
                     self.engine.join(handle.slot, handle.sampling)
                     handle.started = True
             elif handle.started:
+                handle.tick_arrival = None
                 handle.stalled = True
                 handle.frames_late += 1
                 self.metrics.frames_late.inc()
@@ -237,7 +250,7 @@ class Scheduler:
                 continue
             tokens = output.tokens[handle.slot].copy()  # [1 + dep_q]
             text_id = int(tokens[0])
-            item = (handle, output.pcm[handle.slot].copy(), text_id, tokens)
+            item = (handle, output.pcm[handle.slot].copy(), text_id, tokens, handle.tick_arrival)
             by_loop.setdefault(handle.loop, []).append(item)
         for loop, items in by_loop.items():
             try:
@@ -246,11 +259,11 @@ class Scheduler:
                 logger.debug("event loop closed; %d outputs discarded", len(items))
 
     def _deliver_all(self, items: list) -> None:
-        for handle, pcm, text_id, tokens in items:
+        for handle, pcm, text_id, tokens, arrived in items:
             if handle.closed:
                 continue
             try:
-                handle.sink.deliver(pcm, text_id, tokens)
+                handle.sink.deliver(pcm, text_id, tokens, arrived)
             except Exception as exc:  # noqa: BLE001 - one broken session must not starve the others
                 logger.exception("session in slot %d failed to take its output", handle.slot)
                 handle.sink.fail(f"server error: {type(exc).__name__}")

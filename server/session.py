@@ -1,11 +1,22 @@
 """One websocket connection: query parameters, queueing, Opus in/out, bounded queues, ending.
 
-Inbound: binary messages are parsed (:mod:`duplex.server.protocol`); kind-1 Ogg/Opus is decoded
-with ``sphn.OpusStreamReader`` and cut into 80 ms frames pushed to the scheduler (which applies
-backpressure). Outbound: the scheduler's output is Opus-encoded on the event loop and queued in a
-bounded *outbox* drained by a sender task. A client that does not read its audio for
-``outbox_frames`` frames is disconnected with a kind-5 "too slow" error, so it can never stall
-the model loop or the other sessions.
+Inbound, two tasks: the *reader* reads the socket continuously, parses each message
+(:mod:`duplex.server.protocol`), decodes kind-1 Ogg/Opus with ``sphn.OpusStreamReader`` and cuts
+it into 80 ms frames put in a bounded *receive buffer* (:data:`RECEIVE_BUFFER_FRAMES`); the
+*feeder* pushes them to the scheduler, which applies backpressure. The reader stops reading the
+socket only while the receive buffer is full (TCP backpressure for clients faster than real time),
+so a hang-up is seen as soon as it reaches the server even while the model runs behind real time
+and the scheduler holds a backlog: the session ends at once and its slot goes to the queue.
+Outbound: the scheduler's output is Opus-encoded on the event loop and queued in a bounded
+*outbox* drained by a sender task. A client that does not read its audio for ``outbox_frames``
+frames is disconnected with a kind-5 "too slow" error, so it can never stall the model loop or
+the other sessions.
+
+Latency: each user frame is stamped with ``time.perf_counter()`` when it is complete at the server
+(decoded, before the receive buffer); the stamp travels with the frame through the scheduler to the
+output of the step that consumed it, and ``duplex_frame_latency_seconds`` observes the time until
+the websocket send of the Ogg page carrying that output completed. The Opus writer may hold output
+back (no page for a frame); such a frame is timed when the next page, which carries it, is sent.
 
 Bad input ends only the offending session, with a kind-5 error: text frames, empty or oversized
 messages, audio that is not Ogg/Opus. Control (3), ping (6), client-sent handshake/text/metadata
@@ -33,6 +44,11 @@ if TYPE_CHECKING:
     from duplex.server.app import DuplexService
 
 logger = logging.getLogger(__name__)
+
+# Decoded user frames a session buffers between its socket and the scheduler (20 s, 7.7 kB each).
+# Beyond it the session stops reading its socket: a hang-up is seen late only once a client is
+# more than this (plus the scheduler inbox) ahead of the model.
+RECEIVE_BUFFER_FRAMES = 250
 
 
 class FrameAssembler:
@@ -69,8 +85,11 @@ class Session:
         self.id = uuid.uuid4().hex[:12]
         client = websocket.client
         self.record = SessionRecord(session_id=self.id, client=f"{client.host}:{client.port}" if client else "?")
-        self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        # (message, arrival times of the user frames whose output it carries); None = stop sending
+        self.outbox: asyncio.Queue[tuple[bytes, list[float]] | None] = asyncio.Queue()
         self._audio_queued = 0  # audio messages in the outbox
+        self._received: asyncio.Queue[tuple[np.ndarray, float]] = asyncio.Queue(RECEIVE_BUFFER_FRAMES)
+        self._unsent_arrivals: list[float] = []  # frames handed to the Opus writer, no page out yet
         self._done = asyncio.Event()
         self._end_reason: str | None = None
         self._end_error: str | None = None
@@ -175,9 +194,11 @@ class Session:
         self.service.sessions.add(self)
         sender = asyncio.ensure_future(self._send_loop())
         receiver = asyncio.ensure_future(self._receive_loop())
+        feeder = asyncio.ensure_future(self._feed_loop())
         try:
-            self.outbox.put_nowait(protocol.encode_handshake())
-            self.outbox.put_nowait(protocol.encode_metadata(self.service.session_metadata(self.id, params, resolved)))
+            self.outbox.put_nowait((protocol.encode_handshake(), []))
+            metadata = self.service.session_metadata(self.id, params, resolved)
+            self.outbox.put_nowait((protocol.encode_metadata(metadata), []))
             limit = self.service.settings.max_session_seconds or None
             try:
                 await asyncio.wait_for(self._done.wait(), timeout=limit)
@@ -187,6 +208,8 @@ class Session:
             self.service.scheduler.leave(self.handle)
             self.service.sessions.discard(self)
             receiver.cancel()
+            feeder.cancel()
+            await asyncio.gather(receiver, feeder, return_exceptions=True)
             await self._drain_and_close(sender)
             self.record.frames_in = self.handle.frames_in
             self.record.frames_late = self.handle.frames_late
@@ -223,6 +246,7 @@ class Session:
         await self._close()
 
     async def _receive_loop(self) -> None:
+        """The reader: socket -> receive buffer, until the client leaves or breaks the protocol."""
         try:
             while not self._done.is_set():
                 message = await self.ws.receive()
@@ -239,9 +263,20 @@ class Session:
     async def _on_message(self, message: dict) -> None:
         parsed = self._parse(message)
         if parsed.kind is MessageKind.AUDIO:
+            arrived = time.perf_counter()
             for frame in self._frames.add(self._decode(parsed.payload)):
-                await self.service.scheduler.push(self.handle, frame)
+                await self._received.put((frame, arrived))  # waits (stops reading) while the buffer is full
         # control, ping, client-sent handshake/text/metadata/error and unknown kinds: ignored
+
+    async def _feed_loop(self) -> None:
+        """The feeder: receive buffer -> scheduler inbox, waiting while the inbox is full."""
+        try:
+            while True:
+                frame, arrived = await self._received.get()
+                await self.service.scheduler.push(self.handle, frame, arrived)
+        except Exception as exc:  # noqa: BLE001 - ends only this session
+            logger.exception("session %s: feeding the scheduler failed", self.id)
+            self.finish("server_error", f"server error: {type(exc).__name__}")
 
     def _parse(self, message: dict) -> protocol.Message:
         data = message.get("bytes")
@@ -261,9 +296,10 @@ class Session:
 
     async def _send_loop(self) -> None:
         while True:
-            data = await self.outbox.get()
-            if data is None:
+            item = await self.outbox.get()
+            if item is None:
                 return
+            data, arrivals = item
             if data[0] == MessageKind.AUDIO:
                 self._audio_queued -= 1
             try:
@@ -272,6 +308,10 @@ class Session:
                 logger.debug("session %s: send failed", self.id, exc_info=True)
                 self.finish("client_closed")
                 return
+            if arrivals:
+                sent = time.perf_counter()
+                for arrived in arrivals:
+                    self.service.metrics.observe_frame_latency(sent - arrived)
 
     async def _send_now(self, data: bytes) -> None:
         await self.ws.send_bytes(data)
@@ -286,23 +326,30 @@ class Session:
                 pass
 
     # ------------------------------------------------------------------ scheduler callbacks (loop thread)
-    def deliver(self, pcm: np.ndarray, text_id: int, tokens: np.ndarray) -> None:
-        """Queue one output frame (Opus audio, text piece, optionally token ids) for sending."""
+    def deliver(self, pcm: np.ndarray, text_id: int, tokens: np.ndarray, arrived: float | None = None) -> None:
+        """Queue one output frame (Opus audio, text piece, optionally token ids) for sending.
+
+        ``arrived``: when the user frame its step consumed reached the server (None: silence).
+        """
         if self._done.is_set():
             return
         if self._audio_queued >= self.service.settings.outbox_frames:
             seconds = self._audio_queued * self.service.frame_size / self.service.sample_rate
             self.finish("slow_client", f"client too slow: {seconds:.1f} s of model audio not read")
             return
+        if arrived is not None:
+            self._unsent_arrivals.append(arrived)
         ogg = self._opus_out.append_pcm(pcm)
         if ogg:
-            self.outbox.put_nowait(protocol.encode_audio(ogg))
+            self.outbox.put_nowait((protocol.encode_audio(ogg), self._unsent_arrivals))
+            self._unsent_arrivals = []
             self._audio_queued += 1
         piece = self.service.text_piece(text_id)
         if piece:
-            self.outbox.put_nowait(protocol.encode_text(piece))
+            self.outbox.put_nowait((protocol.encode_text(piece), []))
         if self.service.settings.send_tokens:
-            self.outbox.put_nowait(protocol.encode_metadata({"type": "tokens", "tokens": tokens.tolist()}))
+            tokens_message = protocol.encode_metadata({"type": "tokens", "tokens": tokens.tolist()})
+            self.outbox.put_nowait((tokens_message, []))
         self.record.frames_out += 1
         self.service.metrics.frames_out.inc()
 

@@ -33,6 +33,29 @@ def load_tiny_models(fixtures_dir: Path, tokenizer_path: Path):
     )
 
 
+class SlowFakeEngine:
+    """Stands in for DuplexEngine: sleeps ``step_seconds`` per step, echoes the input at half volume,
+    every slot has output every step (no first frame rule, no delay), text token 0 (never sent)."""
+
+    def __init__(self, batch_size: int, step_seconds: float) -> None:
+        self.batch_size = batch_size
+        self.frame_size = FRAME
+        self.step_seconds = step_seconds
+        self.steps = 0
+
+    def join(self, slot: int, sampling=None) -> None:
+        pass
+
+    def step(self, pcm: np.ndarray):
+        from duplex.server.engine import StepOutput, StepTimings
+
+        time.sleep(self.step_seconds)
+        self.steps += 1
+        b = self.batch_size
+        return StepOutput(pcm=0.5 * pcm, tokens=np.zeros((b, 9), dtype=np.int64),
+                          has_output=np.ones(b, dtype=bool), timings=StepTimings(lm=self.step_seconds))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -40,7 +40,7 @@ class Sink:
     def __init__(self) -> None:
         self.frames: list[float] = []
 
-    def deliver(self, pcm, text_id, tokens) -> None:
+    def deliver(self, pcm, text_id, tokens, arrived=None) -> None:
         self.frames.append(float(pcm[0]))
 
     def fail(self, reason: str) -> None:
