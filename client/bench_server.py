@@ -31,6 +31,7 @@ from duplex.client.bench_support import (
     RunRecord,
     ServerThread,
     fetch_metrics,
+    histogram_summary,
     latency_summary,
     metric_value,
     tiny_model_args,
@@ -199,10 +200,12 @@ def print_report(record: RunRecord, server_latencies: list[float] | None, in_pro
     delta = record.server_delta
     rows = [("frames sent", f"{len(record.send_times)}"),
             ("model frames received", f"{len(record.recv_times)} (expected {record.frames_expected})")]
+    from_buckets = histogram_summary(delta, "duplex_frame_latency_seconds")
     if server_latencies:
-        rows.append(("server latency (frame in -> audio sent)", latency_summary(server_latencies)))
+        summary = latency_summary(server_latencies)
     else:
-        rows.append(("server latency (frame in -> audio sent)", "not exported by this server"))
+        summary = from_buckets or "not exported by this server"
+    rows.append(("server latency (frame in -> audio sent)", summary))
     rows.append(("client round trip (sent -> decoded)", latency_summary(record.round_trips())))
     steps = metric_value(delta, "duplex_step_seconds_count", stage="total")
     if steps:

@@ -73,6 +73,24 @@ def metric_value(metrics: dict[str, float], name: str, **labels: str) -> float:
     return metrics.get(name, 0.0)
 
 
+def histogram_summary(metrics: dict[str, float], name: str) -> str | None:
+    """'mean X ms, median <= Y ms, p99 <= Z ms' from a Prometheus histogram's buckets (None if empty)."""
+    count = metric_value(metrics, f"{name}_count")
+    if count <= 0:
+        return None
+    prefix = f'{name}_bucket{{le="'
+    buckets = sorted((float(key[len(prefix):-2]), value) for key, value in metrics.items() if key.startswith(prefix))
+
+    def bound(q: float) -> str:
+        for upper, cumulative in buckets:
+            if cumulative >= q * count:
+                return f"{upper * 1e3:.1f} ms" if upper != float("inf") else "inf"
+        return "inf"
+
+    mean = metric_value(metrics, f"{name}_sum") / count
+    return f"mean {mean * 1e3:.2f} ms, median <= {bound(0.5)}, p99 <= {bound(0.99)} (buckets, n = {int(count)})"
+
+
 async def fetch_metrics(http_base: str) -> dict[str, float]:
     """GET /metrics as {``name{labels}``: value}; {} when the server has no such endpoint."""
     import aiohttp

@@ -119,10 +119,8 @@ def plan_jobs(paths: list[str], output_dir: Path | None, transcript: Path | None
 
 def sampling_from_args(args: argparse.Namespace, defaults: dict):
     """The per-slot SlotSampling that a server session with the same query parameters would get."""
-    from types import SimpleNamespace
-
     from duplex.server.protocol import SessionParams
-    from duplex.server.service import DuplexService
+    from duplex.server.service import resolve_sampling
 
     params = SessionParams(
         text_temperature=0.0 if args.greedy else args.text_temperature,
@@ -130,7 +128,7 @@ def sampling_from_args(args: argparse.Namespace, defaults: dict):
         text_topk=args.text_topk, audio_topk=args.audio_topk, text_seed=args.seed,
     )
     # The server's own resolution (defaults, "a temperature asks for sampling", seeds).
-    sampling, _ = DuplexService.sampling_for(SimpleNamespace(defaults=defaults), params)
+    sampling, _ = resolve_sampling(params, defaults)
     return sampling
 
 

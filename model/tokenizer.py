@@ -43,3 +43,27 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of a text."""
         return list(self._model.EncodeAsIds(text))
+
+
+def train_demo_tokenizer(out_path: str | Path, vocab_size: int = 100) -> Path:
+    """Train a small word-level sentencepiece model for the tiny demo/test LMs (ids 0 and 3: unk, pad).
+
+    The published models ship their tokenizer; this one only gives the tiny fixture models
+    (text_card 100) readable pieces such as ``w42q``.
+    """
+    import sentencepiece
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    words = [f"w{i}{chr(97 + i % 26)}" for i in range(3 * vocab_size)]
+    lines = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
+    corpus = out_path.with_suffix(".corpus.txt")
+    corpus.write_text("\n".join(lines * 4) + "\n")
+    prefix = out_path.with_suffix("")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size, model_type="word",
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2,
+    )
+    corpus.unlink()
+    prefix.with_suffix(".vocab").unlink(missing_ok=True)
+    return prefix.with_suffix(".model")

@@ -76,24 +76,8 @@ class DuplexService:
         return piece or None
 
     def sampling_for(self, params: SessionParams) -> tuple[SlotSampling, dict[str, Any]]:
-        """Resolve a session's query parameters against the defaults: every field set explicitly."""
-        d = self.defaults
-        temps = [t for t in (params.text_temperature, params.audio_temperature) if t is not None]
-        topks = [k for k in (params.text_topk, params.audio_topk) if k is not None]
-        use_sampling = bool(d.get("use_sampling", True))
-        if temps or topks:
-            # Asking for a temperature or top-k asks for sampling; temperatures of 0 ask for greedy.
-            use_sampling = any(t > 0 for t in temps) if temps else True
-        seed = _combine_seeds(params.text_seed, params.audio_seed)
-        sampling = SlotSampling(
-            use_sampling=use_sampling,
-            temp=_pick(params.audio_temperature, d.get("temp", 0.8)),
-            temp_text=_pick(params.text_temperature, d.get("temp_text", 0.7)),
-            top_k=_pick(params.audio_topk, d.get("top_k", 250)),
-            top_k_text=_pick(params.text_topk, d.get("top_k_text", 25)),
-            seed=seed,
-        )
-        return sampling, {k: v for k, v in asdict(sampling).items()}
+        """Resolve a session's query parameters against this server's defaults."""
+        return resolve_sampling(params, self.defaults)
 
     def session_metadata(self, session_id: str, params: SessionParams, resolved: dict) -> dict:
         """The kind-4 message sent right after the handshake."""
@@ -146,3 +130,25 @@ def _combine_seeds(text_seed: int | None, audio_seed: int | None) -> int:
     if text_seed is None:
         return audio_seed
     return (text_seed * 1_000_003 + audio_seed) % (1 << 62)
+
+
+def resolve_sampling(params: SessionParams, defaults: dict[str, Any]) -> tuple[SlotSampling, dict[str, Any]]:
+    """Resolve query parameters against sampling defaults: every field set explicitly.
+
+    Shared by server sessions and `duplex infer`, so both sample a conversation the same way.
+    """
+    temps = [t for t in (params.text_temperature, params.audio_temperature) if t is not None]
+    topks = [k for k in (params.text_topk, params.audio_topk) if k is not None]
+    use_sampling = bool(defaults.get("use_sampling", True))
+    if temps or topks:
+        # Asking for a temperature or top-k asks for sampling; temperatures of 0 ask for greedy.
+        use_sampling = any(t > 0 for t in temps) if temps else True
+    sampling = SlotSampling(
+        use_sampling=use_sampling,
+        temp=_pick(params.audio_temperature, defaults.get("temp", 0.8)),
+        temp_text=_pick(params.text_temperature, defaults.get("temp_text", 0.7)),
+        top_k=_pick(params.audio_topk, defaults.get("top_k", 250)),
+        top_k_text=_pick(params.text_topk, defaults.get("top_k_text", 25)),
+        seed=_combine_seeds(params.text_seed, params.audio_seed),
+    )
+    return sampling, dict(asdict(sampling))

@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 # Beyond it the session stops reading its socket: a hang-up is seen late only once a client is
 # more than this (plus the scheduler inbox) ahead of the model.
 RECEIVE_BUFFER_FRAMES = 250
+CLOSE_TIMEOUT_SECONDS = 1.0  # how long sending the close frame may take
 
 
 class FrameAssembler:
@@ -319,11 +320,13 @@ class Session:
         self.service.metrics.bytes.labels("out").inc(len(data))
 
     async def _close(self) -> None:
+        """Close the socket; bounded in time (a peer that reads nothing can block the close frame
+        behind unsent output, and the admission slot is only released after this)."""
         if self.ws.application_state != WebSocketState.DISCONNECTED:
             try:
-                await self.ws.close()
-            except Exception:  # noqa: BLE001 - already closed by the peer
-                pass
+                await asyncio.wait_for(self.ws.close(), timeout=CLOSE_TIMEOUT_SECONDS)
+            except Exception:  # noqa: BLE001 - already closed by the peer, or it does not read
+                logger.debug("session %s: close not completed", self.id, exc_info=True)
 
     # ------------------------------------------------------------------ scheduler callbacks (loop thread)
     def deliver(self, pcm: np.ndarray, text_id: int, tokens: np.ndarray, arrived: float | None = None) -> None:

@@ -27,26 +27,9 @@ def fixtures_dir() -> Path:
 
 def train_tiny_tokenizer(out_dir: Path, vocab_size: int = 100) -> Path:
     """Train a small sentencepiece model (ids 0..vocab_size-1) for the tiny LMs' text stream."""
-    import sentencepiece as spm
+    from duplex.model.tokenizer import train_demo_tokenizer
 
-    corpus = out_dir / "corpus.txt"
-    words = [f"w{i}{chr(97 + i % 26)}" for i in range(3 * vocab_size)]
-    lines = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
-    corpus.write_text("\n".join(lines * 4) + "\n")
-    prefix = out_dir / "tiny_spm"
-    spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(prefix),
-        vocab_size=vocab_size,
-        model_type="word",
-        character_coverage=1.0,
-        pad_id=3,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        minloglevel=2,
-    )
-    return prefix.with_suffix(".model")
+    return train_demo_tokenizer(Path(out_dir) / "tiny_spm.model", vocab_size)
 
 
 @pytest.fixture(scope="session")

@@ -87,6 +87,26 @@ def test_file_fast_gives_one_frame_per_frame_after_the_delay(server, models, spe
     assert "received" in capsys.readouterr().err
 
 
+def test_seeded_sampling_matches_offline_inference(server, models, speech, tmp_path):
+    import argparse
+
+    from duplex.client.infer import sampling_from_args
+
+    wait_until_idle(server)
+    out, text = tmp_path / "s.wav", tmp_path / "s.txt"
+    flags = ["--text-temperature", "1.0", "--audio-temperature", "0.9", "--text-topk", "20"]
+    assert talk(server.url, "--input", str(speech), "--output", str(out), "--transcript", str(text),
+                "--fast", "--text-seed", "7", *flags) == 0
+    args = argparse.Namespace(greedy=False, text_temperature=1.0, audio_temperature=0.9, text_topk=20,
+                              audio_topk=None, seed=7)
+    sampling = sampling_from_args(args, models.lm_gen_defaults)
+    assert sampling.use_sampling and sampling.seed == 7
+    offline = run_batch(models, [opus_round_trip(read_audio(speech))], sampling)[0]
+    assert text.read_text().strip() == offline.transcript
+    # the server's audio is the same samples through Opus (and the 16-bit WAV)
+    np.testing.assert_allclose(read_audio(out), opus_round_trip(offline.pcm), atol=1e-4)
+
+
 def test_file_in_real_time_matches_fast(server, speech, tmp_path):
     runs = []
     for name, extra in (("rt", []), ("fast", ["--fast"])):
