@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         audio = stream_audio(args.input, args.seconds)
         if args.url:
-            record = asyncio.run(measure(args.url, audio, lag_frames=2))
+            record = asyncio.run(measure(args.url, audio, lag_frames=1))
             server_latencies = None
         else:
             record, server_latencies = run_in_process(args, audio)
@@ -113,7 +113,7 @@ def run_in_process(args: argparse.Namespace, audio: np.ndarray) -> tuple[RunReco
 
             args.hf_repo = DEFAULT_HF_REPO
         models = load_models(args)
-        lag = 1 + max(models.lm.config.delays)
+        lag = max(models.lm.config.delays)
         settings = ServerSettings(max_sessions=args.max_sessions, max_queue=0,
                                   torch_threads=args.threads or (1 if tiny else None))
         with ServerThread(models, settings) as server:

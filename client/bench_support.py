@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 class RunRecord:
     """Timestamps (time.perf_counter) and counters of one benchmark run."""
 
-    lag_frames: int  # input frames without output: first-frame rule + acoustic delay
+    lag_frames: int  # input frames without output: the acoustic delay (max(delays), 1 for Moshi)
     send_times: list[float] = field(default_factory=list)  # per input frame
     recv_times: list[float] = field(default_factory=list)  # per model frame decoded
     wall_s: float = 0.0

@@ -2,8 +2,8 @@
 
 Every input file gets one batch slot of :class:`duplex.server.engine.DuplexEngine` (the very
 engine the server steps), so a file's output is exactly what a server session would send for it:
-the first 80 ms frame is consumed by the first-frame rule and the acoustic delay holds back the
-model's first frames, so the output is ``1 + max(delays)`` frames shorter than the input.
+the acoustic delay holds back the model's first ``max(delays)`` frames (the first frame's step
+included), so the output is ``max(delays)`` frames (80 ms for Moshi) shorter than the input.
 Shorter files in a batch are fed silence once they end; their extra outputs are discarded.
 """
 

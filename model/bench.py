@@ -138,10 +138,10 @@ def _timed_step(gen: LMGen, state: LMGenState, user: torch.Tensor, device: torch
     """One generation step, timed in its temporal and depth phases (ms)."""
     _sync(device)
     start = time.perf_counter()
-    hidden, text, keys = gen.temporal_step(user, state)
+    hidden, text = gen.temporal_step(user, state)
     _sync(device)
     middle = time.perf_counter()
-    audio = gen.depth_step(hidden, text, keys, state)
+    audio = gen.depth_step(hidden, text, state)
     gen.finish_step(text, audio, state)
     _sync(device)
     end = time.perf_counter()

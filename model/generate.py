@@ -21,7 +21,7 @@ from .lm import LMModel
 from .sampling import SlotSampling, gumbel_noise, mix32, sample_tokens, slot_keys
 from .transformer import TransformerState
 
-DEFAULT_UNLIMITED_STEPS = 3000  # cache length when the LM has no sliding window (context None)
+DEFAULT_UNLIMITED_STEPS = 3000  # attention window (cache length) when the LM's context is None
 NO_TOKEN = -1  # what a slot returns while it is not yet valid
 
 
@@ -64,16 +64,19 @@ class LMGenState:
     @torch.inference_mode()
     def set_slot_sampling(self, slot: int, *, use_sampling: bool | None = None, temp: float | None = None,
                           temp_text: float | None = None, top_k: int | None = None,
-                          top_k_text: int | None = None, seed: int | None = None) -> None:
+                          top_k_text: int | None = None, seed: int | None = None,
+                          text_seed: int | None = None, audio_seed: int | None = None) -> None:
         """Change the sampling settings of one slot (None keeps the current value).
 
-        ``seed`` selects the slot's random stream: with the same seed and inputs, a slot produces
-        the same tokens whatever its batch neighbours do (and after a reset, the same again).
+        ``text_seed`` selects the random stream of the slot's text tokens, ``audio_seed`` that of
+        its audio tokens (``seed`` sets both; a specific one wins over it). With the same seeds and
+        inputs, a slot produces the same tokens whatever its batch neighbours do (and after a
+        reset, the same again); changing one seed never changes the other stream's noise.
         """
         if not 0 <= slot < self.batch_size:
             raise ValueError(f"slot must be in 0..{self.batch_size - 1}, got {slot}")
         self.sampling.set_slot(slot, use_sampling=use_sampling, temp=temp, temp_text=temp_text, top_k=top_k,
-                               top_k_text=top_k_text, seed=seed)
+                               top_k_text=top_k_text, seed=seed, text_seed=text_seed, audio_seed=audio_seed)
 
 
 class LMGen:
@@ -93,7 +96,11 @@ class LMGen:
 
     @torch.inference_mode()
     def init_state(self, batch_size: int, max_steps: int | None = None) -> LMGenState:
-        """A fresh state for ``batch_size`` slots; ``max_steps`` bounds a stream only when context is None."""
+        """A fresh state for ``batch_size`` slots.
+
+        ``max_steps`` matters only when the LM's context is None: streams are exact up to that many
+        steps and go on forever as a sliding window of that size (default 3000 = 4 min).
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         lm, config = self.lm, self.lm.config
@@ -127,15 +134,15 @@ class LMGen:
         return tokens.clone(), valid.clone()  # ordinary tensors for callers outside inference mode
 
     def _step(self, user_codes: torch.Tensor, state: LMGenState) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, text_token, step_keys = self.temporal_step(user_codes, state)
-        audio_tokens = self.depth_step(hidden, text_token, step_keys, state)
+        hidden, text_token = self.temporal_step(user_codes, state)
+        audio_tokens = self.depth_step(hidden, text_token, state)
         return self.finish_step(text_token, audio_tokens, state)
 
     # The three phases of a step, public so that benchmarks can time them separately.
     def temporal_step(self, user_codes: torch.Tensor, state: LMGenState):
         """Feed one frame to the temporal transformer and sample the text token.
 
-        Returns hidden [B, 1, dim], text_token [B], step_keys [B] (the slots' RNG keys of this step).
+        Returns hidden [B, 1, dim], text_token [B]; the text noise is keyed by the slots' text seeds.
         """
         user_codes = self._check_user_codes(user_codes, state)
         consts, cache, offsets = state.constants, state.cache, state.offsets
@@ -148,23 +155,26 @@ class LMGen:
         starting = offsets[:, None] <= consts.delays[None, :]  # [B, K]
         tokens = torch.where(starting[:, :, None], consts.initial[None, :, None], tokens)
         hidden, text_logits = self.lm.temporal(tokens, state.temporal)  # [B, 1, D], [B, 1, 1, Vt]
-        step_keys = slot_keys(state.sampling.seed, offsets)
         plan = state.sampling.plan(state.sampling.text, text_logits.shape[-1])
         noise = None
         if plan is not None:
-            noise = gumbel_noise(step_keys, consts.streams[:1], consts.rank_hashes[:plan.candidates])[:, 0]
+            text_keys = slot_keys(state.sampling.text_seed, offsets)  # [B]
+            noise = gumbel_noise(text_keys, consts.streams[:1], consts.rank_hashes[:plan.candidates])[:, 0]
         text_token = sample_tokens(text_logits[:, 0, 0], plan, noise)
-        return hidden, text_token, step_keys
+        return hidden, text_token
 
-    def depth_step(self, hidden: torch.Tensor, text_token: torch.Tensor, step_keys: torch.Tensor,
-                   state: LMGenState) -> torch.Tensor:
-        """Generate the dep_q audio tokens of the frame, one after the other: -> [B, dep_q]."""
+    def depth_step(self, hidden: torch.Tensor, text_token: torch.Tensor, state: LMGenState) -> torch.Tensor:
+        """Generate the dep_q audio tokens of the frame, one after the other: -> [B, dep_q].
+
+        The audio noise is keyed by the slots' audio seeds (and clocks, not yet advanced).
+        """
         lm, config, consts = self.lm, self.lm.config, state.constants
         state.depth.reset_all()
         plan = state.sampling.plan(state.sampling.audio, config.card)
         noise = None  # [B, dep_q, N]: all the codebooks' noise at once
         if plan is not None:
-            noise = gumbel_noise(step_keys, consts.streams[1:], consts.rank_hashes[:plan.candidates])
+            audio_keys = slot_keys(state.sampling.audio_seed, state.offsets)  # [B]
+            noise = gumbel_noise(audio_keys, consts.streams[1:], consts.rank_hashes[:plan.candidates])
         projections: dict[int, torch.Tensor] = {}
         previous = text_token[:, None]  # [B, 1]
         tokens = []

@@ -1,7 +1,9 @@
 """Per-slot token sampling: temperature, top-k and a counter-based RNG per batch slot.
 
 Each slot draws its noise from a hash of (its seed, its step clock, the stream, the candidate
-rank), computed on the device; restarting a slot restarts its random stream. So a slot's samples
+rank), computed on the device; restarting a slot restarts its random stream. A slot has two
+seeds: ``text_seed`` keys the text stream's noise and ``audio_seed`` the audio codebooks' noise,
+so changing one never changes the other stream's noise. So a slot's samples
 depend on nothing but its own settings and inputs (never on its batch neighbours), there is no
 generator object to keep in sync, and no host synchronisation. Sampling uses the Gumbel-max
 trick over the top-k candidates: ``argmax(logits / temp + Gumbel noise)`` is a draw from
@@ -79,7 +81,8 @@ class SlotSampling:
     """Per-slot sampling settings and RNG seeds for a batch, on the device, with host mirrors."""
 
     use_sampling: torch.Tensor  # [B] bool
-    seed: torch.Tensor  # [B] int64
+    text_seed: torch.Tensor  # [B] int64: keys the text stream's noise
+    audio_seed: torch.Tensor  # [B] int64: keys the audio codebooks' noise
     text: StreamSampling
     audio: StreamSampling
     host_use_sampling: list[bool]
@@ -87,13 +90,14 @@ class SlotSampling:
     @classmethod
     def create(cls, batch_size: int, device, *, use_sampling: bool, temp: float, temp_text: float,
                top_k: int, top_k_text: int) -> "SlotSampling":
-        """Every slot with the same settings; slot i is seeded with i."""
+        """Every slot with the same settings; slot i is seeded with i (text and audio)."""
         def full(value, dtype):
             return torch.full((batch_size,), value, dtype=dtype, device=device)
 
         return cls(
             use_sampling=full(use_sampling, torch.bool),
-            seed=torch.arange(batch_size, dtype=torch.long, device=device),
+            text_seed=torch.arange(batch_size, dtype=torch.long, device=device),
+            audio_seed=torch.arange(batch_size, dtype=torch.long, device=device),
             text=StreamSampling(full(temp_text, torch.float32), full(top_k_text, torch.long),
                                 [top_k_text] * batch_size),
             audio=StreamSampling(full(temp, torch.float32), full(top_k, torch.long), [top_k] * batch_size),
@@ -102,14 +106,21 @@ class SlotSampling:
 
     def set_slot(self, slot: int, *, use_sampling: bool | None = None, temp: float | None = None,
                  temp_text: float | None = None, top_k: int | None = None, top_k_text: int | None = None,
-                 seed: int | None = None) -> None:
-        """Change one slot's settings (None keeps the current value)."""
+                 seed: int | None = None, text_seed: int | None = None,
+                 audio_seed: int | None = None) -> None:
+        """Change one slot's settings (None keeps the current value); ``seed`` sets both seeds.
+
+        ``text_seed`` / ``audio_seed``, when given, override ``seed`` for their stream.
+        """
         for name, value in (("temp", temp), ("temp_text", temp_text)):
             if value is not None and (value != value or value < 0):
                 raise ValueError(f"{name} must be >= 0, got {value}")
         for name, value in (("top_k", top_k), ("top_k_text", top_k_text)):
             if value is not None and (int(value) != value or value < 0):
                 raise ValueError(f"{name} must be an integer >= 0 (0 = no top-k), got {value}")
+        for name, value in (("seed", seed), ("text_seed", text_seed), ("audio_seed", audio_seed)):
+            if value is not None and (int(value) != value or not -2**63 <= value < 2**63):
+                raise ValueError(f"{name} must be a 64-bit integer, got {value}")
         if use_sampling is not None:
             self.use_sampling[slot] = bool(use_sampling)
             self.host_use_sampling[slot] = bool(use_sampling)
@@ -120,8 +131,12 @@ class SlotSampling:
                 stream.top_k[slot] = int(new_top_k)
                 stream.host_top_k[slot] = int(new_top_k)
             stream.plan = None
-        if seed is not None:
-            self.seed[slot] = int(seed)
+        text_seed = seed if text_seed is None else text_seed
+        audio_seed = seed if audio_seed is None else audio_seed
+        if text_seed is not None:
+            self.text_seed[slot] = int(text_seed)
+        if audio_seed is not None:
+            self.audio_seed[slot] = int(audio_seed)
 
     def any_sampling(self) -> bool:
         """Whether any slot samples (host-side: when False, every token is an argmax)."""

@@ -154,12 +154,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2).to(x.dtype)
 
 
-def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, context: int | None) -> torch.Tensor:
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
     """Which keys each query may see: q_pos [B, T], k_pos [B, C] (-1 = empty) -> [B, 1, T, C]."""
     delta = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, C]
-    visible = (k_pos >= 0)[:, None, :] & (delta >= 0)
-    if context is not None:
-        visible &= delta < context
+    visible = (k_pos >= 0)[:, None, :] & (delta >= 0) & (delta < window)
     return visible[:, None]
 
 
@@ -167,15 +165,19 @@ class TransformerState:
     """Streaming state of a StreamingTransformer for a batch of independent slots.
 
     offsets [B]: each slot's clock (steps seen since its reset).
-    positions [B, C]: time step held by each ring entry (-1 = empty).
+    window: how many past steps (the current one included) a query sees: the model's context,
+    or ``max_steps`` for an unlimited-context model, which then streams as a sliding window.
+    positions [B, C]: time step held by each ring entry (-1 = empty), C = window + chunk_size - 1.
     keys / values: per layer [B, H, C, Dh].
     steps_since_full_reset: host-side count of steps since ``reset_all`` (every slot's clock
     is at most this); it selects per-step weights for a lockstep depth transformer.
     """
 
-    def __init__(self, config: TransformerConfig, batch_size: int, chunk_size: int, capacity: int,
+    def __init__(self, config: TransformerConfig, batch_size: int, chunk_size: int, window: int,
                  device, dtype) -> None:
+        capacity = window + chunk_size - 1
         shape = (batch_size, config.num_heads, capacity, config.head_dim)
+        self.window = window
         self.batch_size = batch_size
         self.chunk_size = chunk_size
         self.capacity = capacity
@@ -316,19 +318,18 @@ class StreamingTransformer(nn.Module):
                    device=None, dtype=None) -> TransformerState:
         """A fresh state for ``batch_size`` slots fed ``chunk_size`` steps at most per call.
 
-        ``max_steps`` bounds a stream's length when the context is unlimited (``context=None``).
+        With an unlimited context (``context=None``) a query sees the last ``max_steps`` steps:
+        exact for streams up to that length, a sliding window of that size beyond it.
         """
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        context = self.config.context
-        if context is None:
-            if max_steps is None:
-                raise ValueError("an unlimited-context transformer needs max_steps for its cache")
-            capacity = max_steps
-        else:
-            capacity = context + chunk_size - 1
+        window = self.config.context
+        if window is None:
+            if max_steps is None or max_steps < 1:
+                raise ValueError("an unlimited-context transformer needs max_steps >= 1 for its cache")
+            window = max_steps
         param = next(self.parameters())
-        return TransformerState(self.config, batch_size, chunk_size, capacity,
+        return TransformerState(self.config, batch_size, chunk_size, window,
                                 device=device or param.device, dtype=dtype or param.dtype)
 
     def forward(self, x: torch.Tensor, state: TransformerState | None = None) -> torch.Tensor:
@@ -352,8 +353,6 @@ class StreamingTransformer(nn.Module):
             raise ValueError(f"expected input [{state.batch_size}, T, {self.config.d_model}], got {tuple(x.shape)}")
         if steps > state.chunk_size:
             raise ValueError(f"chunk of {steps} steps exceeds the state's chunk_size {state.chunk_size}")
-        if self.config.context is None and state.steps_since_full_reset + steps > state.capacity:
-            raise ValueError(f"unlimited-context stream exceeded max_steps={state.capacity}")
 
     def _step_context(self, state: TransformerState, steps: int) -> _StepContext:
         positions = state.offsets[:, None] + state.chunk_arange[:steps]  # [B, T]
@@ -363,5 +362,5 @@ class StreamingTransformer(nn.Module):
         if self.config.positional_embedding == "rope":
             rope = rope_rotation(positions, self.config.head_dim, self.config.max_period)
         return _StepContext(positions=positions, batch_rows=state.batch_rows, write_index=write_index,
-                            mask=attention_mask(positions, state.positions, self.config.context),
+                            mask=attention_mask(positions, state.positions, state.window),
                             rope=rope, first_step=state.steps_since_full_reset)

@@ -201,7 +201,7 @@ def run_one(models, sessions: int, audio: np.ndarray, args: argparse.Namespace) 
         server.should_exit = True
         thread.join(30)
     metrics = service.metrics
-    expected = audio.size // FRAME - 2
+    expected = audio.size // FRAME - 1
     result = RunResult(
         sessions=sessions, ticks=ticks, late=metrics.frames_late._value.get(),
         dropped=metrics.frames_dropped.labels("out")._value.get(),
@@ -308,7 +308,7 @@ async def _one_client(url: str, audio: np.ndarray, phase: float) -> tuple[int, s
         await asyncio.sleep(max(0.0, start + i * FRAME_SECONDS - time.monotonic()))
         await client.send_pcm(audio[i * FRAME:(i + 1) * FRAME])
     deadline = time.monotonic() + 2.0
-    while received[0] < frames - 2 and time.monotonic() < deadline:
+    while received[0] < frames - 1 and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     await client.close()
     reader.cancel()

@@ -9,11 +9,14 @@ Per-slot life cycle:
 
 - :meth:`join` marks a slot as new: at the next step its streaming states are reset and its
   sampling settings applied.
-- The first frame rule (as the reference server does): a slot's very first frame is encoded,
-  its codes are discarded and its encoder state is reset, so that the second frame is encoded
-  as a first frame. That step produces no output and leaves the slot's LM state untouched.
-- While the LM's acoustic delay has not elapsed, a slot has no output; its Mimi decoder is
-  kept fresh so that decoding starts exactly with the first valid tokens.
+- At its first step the slot's LM and Mimi states are reset (only that slot's).
+- The first frame rule (as the reference server does): a slot's very first frame is encoded and
+  then only that slot's *encoder* is reset, so that the second frame is encoded as a first frame.
+  The LM still steps on the first frame's codes, so its clock advances; the codes have no effect
+  (at LM offset 0 every stream reads its initial token) and that step's output is invalid.
+- While the LM's acoustic delay has not elapsed (the first ``max_delay`` steps, the first frame's
+  included), a slot has no output; its Mimi decoder is kept fresh so that decoding starts exactly
+  with the first valid tokens. N input frames thus give N - max_delay output frames (N - 1 for Moshi).
 """
 
 from __future__ import annotations
@@ -124,12 +127,6 @@ class DuplexEngine:
         self._first_frame[slot] = True
         self._sampling[slot] = sampling or SlotSampling()
 
-    def leave(self, slot: int) -> None:
-        """Forget the conversation in ``slot`` (its states are reset when the slot is reused)."""
-        self._check_slot(slot)
-        self._first_frame[slot] = False
-        self._sampling.pop(slot, None)
-
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.batch_size:
             raise ValueError(f"slot {slot} out of range [0, {self.batch_size})")
@@ -149,23 +146,20 @@ class DuplexEngine:
         self._load_input(pcm)
         first = self._first_frame.copy()  # [B] bool
         self._first_frame[:] = False
-        has_output = (self._lm_steps >= self._max_delay) & ~first  # [B], before this step's clock tick
+        self._lm_steps[first] = 0  # their LM clocks restart at this step
+        has_output = self._lm_steps >= self._max_delay  # [B], before this step's clock tick
         self._lm_steps += 1
-        self._lm_steps[first] = 0
-        first_mask = torch.from_numpy(first).to(self.device) if first.any() else None
+        first_mask = self._start_new_slots(first)
         clock = _StageClock(self.device)
         clock.mark()
         codes = self.mimi.encode_step(self._pcm_in, self.mimi_state)  # [B, K, 1]
         codes = codes[:, : self.lm_user_codebooks]  # [B, 8, 1]
         clock.mark()
         if first_mask is not None:
-            # First frame rule: drop the codes, re-encode the next frame as a first frame.
+            # First frame rule: the next frame is encoded as a first frame. The LM steps anyway
+            # (offset 0 reads only initial tokens, so these codes have no effect; output invalid).
             self.mimi_state.reset_encoder(first_mask)
-        tokens, _ = self.lm_gen.step(codes, self.lm_state)  # [B, 9, 1]
-        if first_mask is not None:
-            self.lm_state.reset(first_mask)  # the discarded frame leaves no trace in the LM
-            self._apply_sampling(np.flatnonzero(first).tolist())
-            tokens = tokens.masked_fill(first_mask[:, None, None], -1)  # no output for a discarded frame
+        tokens, _ = self.lm_gen.step(codes, self.lm_state)  # [B, 9, 1]; -1 while not valid
         clock.mark()
         audio = self.mimi.decode_step(tokens[:, 1:].clamp_min(0), self.mimi_state)  # [B, 1, 1920]
         if not has_output.all():
@@ -173,6 +167,16 @@ class DuplexEngine:
             self.mimi_state.reset_decoder(torch.from_numpy(~has_output).to(self.device))
         clock.mark()
         return self._output(audio, tokens, has_output, clock)
+
+    def _start_new_slots(self, first: np.ndarray) -> torch.Tensor | None:
+        """Reset the LM and Mimi states and apply the sampling of slots stepping their first frame."""
+        if not first.any():
+            return None
+        first_mask = torch.from_numpy(first).to(self.device)  # [B] bool
+        self.mimi_state.reset(first_mask)
+        self.lm_state.reset(first_mask)
+        self._apply_sampling(np.flatnonzero(first).tolist())
+        return first_mask
 
     @property
     def lm_user_codebooks(self) -> int:

@@ -106,7 +106,9 @@ def load_models(args: argparse.Namespace) -> LoadedModels:
     repo = getattr(args, "hf_repo", None) or DEFAULT_HF_REPO
     explicit = {name: getattr(args, name, None) for name in ("moshi_weight", "mimi_weight", "tokenizer")}
     config_spec = getattr(args, "config", None) or sibling_config(explicit["moshi_weight"])
-    config = read_repo_config(config_spec, repo, need_hub=not all(explicit.values()))
+    weights_repo = hub_repo_of(explicit["moshi_weight"])  # hf://owner/repo/file: that repo's config.json
+    config = read_repo_config(config_spec, weights_repo or repo,
+                              need_hub=bool(weights_repo) or not all(explicit.values()))
     check_model_type(config)
     lm_path = resolve_source(explicit["moshi_weight"] or config.get("moshi_name", DEFAULT_MOSHI_NAME),
                              "Moshi LM weights", repo)
@@ -182,6 +184,14 @@ def read_repo_config(spec: str | None, repo: str, need_hub: bool) -> dict:
                        "default file names", repo)
         return {}
     return read_json(path, "LM config")
+
+
+def hub_repo_of(spec: str | None) -> str | None:
+    """``owner/repo`` of an ``hf://owner/repo/file`` source, else None."""
+    if not spec or not spec.startswith("hf://"):
+        return None
+    parts = spec[len("hf://"):].split("/")
+    return "/".join(parts[:2]) if len(parts) >= 3 else None
 
 
 def sibling_config(moshi_spec: str | None) -> str | None:

@@ -77,10 +77,10 @@ def teacher_forcing_codes(gen: LMGen, tokens: torch.Tensor, user_codes: torch.Te
     return torch.cat([generated, user], dim=1)
 
 
-def assert_streaming_equals_forward(lm, user_codes):
+def assert_streaming_equals_forward(lm, user_codes, max_steps: int | None = None):
     """Feeding generated tokens back through lm(codes) gives the same argmaxes."""
     gen = LMGen(lm, use_sampling=False)
-    tokens, _ = run(gen, gen.init_state(user_codes.shape[0]), user_codes)
+    tokens, _ = run(gen, gen.init_state(user_codes.shape[0], max_steps=max_steps), user_codes)
     codes = teacher_forcing_codes(gen, tokens, user_codes)
     with torch.no_grad():
         out = lm(codes)

@@ -56,6 +56,35 @@ class SlowFakeEngine:
                           has_output=np.ones(b, dtype=bool), timings=StepTimings(lm=self.step_seconds))
 
 
+def reference_server_run(models, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The reference server's algorithm (one conversation, greedy), composed from fixture-verified parts.
+
+    User codes: frame 0 encoded and discarded, then Mimi ``encode_step`` on a fresh encoder state
+    from frame 1 on; a greedy LMGen stepped on every frame (frame 0 included: offset 0 reads only
+    initial tokens); Mimi decode of the valid steps. ``audio`` [N * 1920] -> tokens [9, N - 1], pcm.
+    """
+    import torch
+
+    from duplex.model.generate import LMGen
+
+    frames = torch.from_numpy(audio).reshape(-1, 1, 1, FRAME)  # [N, 1, 1, 1920]
+    user_books = models.lm.config.n_q - models.lm.config.dep_q
+    lm_gen = LMGen(models.lm, use_sampling=False)
+    with torch.inference_mode():
+        lm_state = lm_gen.init_state(1)
+        discarded = models.mimi.encode_step(frames[0], models.mimi.init_state(1))[:, :user_books]  # [1, 8, 1]
+        encoder = models.mimi.init_state(1)
+        decoder = models.mimi.init_state(1)
+        tokens, pcm = [], []
+        for index in range(frames.shape[0]):
+            codes = discarded if index == 0 else models.mimi.encode_step(frames[index], encoder)[:, :user_books]
+            step_tokens, valid = lm_gen.step(codes, lm_state)  # [1, 9, 1], [1]
+            if bool(valid[0]):
+                tokens.append(step_tokens[0, :, 0].numpy().copy())
+                pcm.append(models.mimi.decode_step(step_tokens[:, 1:], decoder)[0, 0].numpy().copy())
+    return np.stack(tokens, axis=1), np.concatenate(pcm)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -128,11 +157,11 @@ async def converse(url: str, pcm: np.ndarray, params=None, realtime: bool = Fals
                    timeout: float = 60.0) -> Transcript:
     """Stream ``pcm`` (then close) and collect every output frame of a token-exposing server.
 
-    With N input frames the server steps N - 1 of them (first frame rule) and the tiny LM's
-    delay of one step leaves N - 2 output frames; the client closes once it has them all.
+    With N input frames the tiny LM's acoustic delay of one step (the first frame's step, whose
+    codes have no effect) leaves N - 1 output frames; the client closes once it has them all.
     """
     client = await DuplexClient.connect(url, params=params, timeout=timeout)
-    expected = pcm.size // FRAME - 2
+    expected = pcm.size // FRAME - 1
     result = Transcript()
 
     async def send() -> None:

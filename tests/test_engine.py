@@ -1,4 +1,4 @@
-"""DuplexEngine: the batched step against the pipeline fixture, first frame rule, slot independence."""
+"""DuplexEngine: the batched step against the reference server's algorithm, first frame rule, slot independence."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from server_harness import load_tiny_models
+from server_harness import load_tiny_models, reference_server_run
 
 from duplex.server.engine import FRAME_SIZE, DuplexEngine, SlotSampling
 
@@ -43,19 +43,38 @@ def run_slots(engine: DuplexEngine, streams: dict[int, tuple[int, np.ndarray]], 
     return {slot: (np.stack(t, axis=1), np.concatenate(p)) for slot, (t, p) in outputs.items()}
 
 
-def test_engine_matches_pipeline_fixture_after_the_discarded_first_frame(models, pipeline):
-    """A junk first frame, then the fixture's 50 frames: the 49 outputs equal the reference pipeline."""
+def test_engine_follows_the_reference_server_algorithm(models, pipeline):
+    """Two slots of a busy batch, joined at different steps: N frames in, N - 1 frames out, each exactly
+    the reference server's (first frame encoded then the encoder reset, LM stepped on every frame)."""
     engine = DuplexEngine(models.mimi, models.lm, batch_size=3, lm_gen_kwargs=GREEDY)
-    audio_in = pipeline["audio_in"][:, 0].numpy()  # [2, 96000]
-    junk = np.random.default_rng(0).standard_normal(FRAME_SIZE).astype(np.float32) * 0.3
-    streams = {0: (0, np.concatenate([junk, audio_in[0]])), 2: (3, np.concatenate([junk * 2, audio_in[1]]))}
+    audio_in = pipeline["audio_in"][:, 0].numpy()  # [2, 96000] = 50 frames each
+    noise = (np.random.default_rng(0).standard_normal(20 * FRAME_SIZE) * 0.3).astype(np.float32)
+    streams = {0: (0, audio_in[0]), 1: (0, noise), 2: (3, audio_in[1])}
     result = run_slots(engine, streams, steps=60)
     for slot, row in ((0, 0), (2, 1)):
         tokens, pcm = result[slot]
-        assert tokens.shape == (9, 49)
-        np.testing.assert_array_equal(tokens[0], pipeline["text_tokens"][row, 0].numpy())
-        np.testing.assert_array_equal(tokens[1:], pipeline["audio_tokens"][row].numpy())
-        np.testing.assert_allclose(pcm, pipeline["audio_out"][row, 0].numpy(), atol=1e-4)
+        assert tokens.shape == (9, 49)  # 50 frames in, Moshi's max_delay of 1
+        ref_tokens, ref_pcm = reference_server_run(models, audio_in[row])
+        np.testing.assert_array_equal(tokens, ref_tokens)
+        np.testing.assert_allclose(pcm, ref_pcm, atol=1e-5)
+        # The second frame is encoded as a first frame, so the answer differs from the offline pipeline.
+        assert not np.array_equal(tokens[1:], pipeline["audio_tokens"][row].numpy())
+
+
+def test_first_frame_codes_have_no_effect_on_the_lm(models, pipeline):
+    """Fixture check of the rule's LM part: the LM stepped on every frame, with frame 0's codes replaced
+    by junk, produces exactly the pipeline's tokens (offset 0 reads only initial tokens)."""
+    from duplex.model.generate import LMGen
+
+    user_codes = pipeline["user_codes"].clone()  # [2, 8, 50]
+    user_codes[:, :, 0] = torch.randint(0, models.lm.config.card, (2, 8))
+    lm_gen = LMGen(models.lm, use_sampling=False)
+    state = lm_gen.init_state(2)
+    outputs = [lm_gen.step(user_codes[:, :, t:t + 1], state)[0] for t in range(50)]  # [2, 9, 1] each
+    tokens = torch.cat(outputs[1:], dim=2)  # [2, 9, 49]: the valid steps
+    assert bool((outputs[0] == -1).all())
+    torch.testing.assert_close(tokens[:, :1], pipeline["text_tokens"], rtol=0, atol=0)
+    torch.testing.assert_close(tokens[:, 1:], pipeline["audio_tokens"], rtol=0, atol=0)
 
 
 def test_slot_output_is_independent_of_neighbours_and_rejoins(models):
@@ -70,7 +89,7 @@ def test_slot_output_is_independent_of_neighbours_and_rejoins(models):
     np.testing.assert_allclose(busy[0][1], solo[1], atol=1e-5)
     again = run_slots(engine, {0: (0, audio), 1: (4, noise)}, steps=12)  # slot 0 reused
     np.testing.assert_array_equal(again[0][0], solo[0])
-    assert solo[0].shape == (9, 10)  # 12 frames: the first is discarded, the LM delay takes one more
+    assert solo[0].shape == (9, 11)  # 12 frames: the LM delay of one step (the first frame's) leaves 11
 
 
 def test_sampling_is_per_slot_and_seeded(models):
@@ -92,8 +111,8 @@ def test_sampling_is_per_slot_and_seeded(models):
         runs.append(np.stack(tokens))  # [steps, B, 9]
     np.testing.assert_array_equal(runs[0][:, 0], runs[1][:, 0])  # same seed, different neighbour seeds
     greedy = run_slots(DuplexEngine(models.mimi, models.lm, 1, GREEDY), {0: (0, audio)}, steps=10)[0][0]
-    np.testing.assert_array_equal(runs[0][2:, 1].T, greedy)
-    assert not np.array_equal(runs[0][2:, 0].T, greedy)  # sampling at temperature 1 differs from argmax
+    np.testing.assert_array_equal(runs[0][1:, 1].T, greedy)
+    assert not np.array_equal(runs[0][1:, 0].T, greedy)  # sampling at temperature 1 differs from argmax
 
 
 def test_timings_and_input_validation(models):

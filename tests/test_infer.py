@@ -13,6 +13,7 @@ from duplex.client.audio import FRAME_SIZE, read_audio
 from duplex.client.infer import run_batch
 from duplex.server.engine import SlotSampling
 from duplex.server.models import load_models_from_paths
+from server_harness import reference_server_run
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,19 +50,17 @@ def model_flags(fixtures_dir, tokenizer) -> list[str]:
     ]
 
 
-def test_batch_matches_the_reference_pipeline(tiny_models, pipeline):
-    """The first frame is discarded (first-frame rule): prepend one, then the reference follows exactly."""
-    audio_in = pipeline["audio_in"][:, 0].numpy()  # [2, 96000]
-    lead_in = np.random.default_rng(0).uniform(-0.5, 0.5, FRAME_SIZE).astype(np.float32)
-    inputs = [np.concatenate([lead_in, audio_in[b]]) for b in range(2)]
-    results = run_batch(tiny_models, inputs, SlotSampling())  # lm_tiny's lm_gen_config: greedy
+def test_batch_matches_the_reference_server(tiny_models, pipeline):
+    """Each file's answer is the reference server's for the same audio: N frames in, N - 1 out."""
+    audio_in = pipeline["audio_in"][:, 0].numpy()  # [2, 96000] = 50 frames each
+    results = run_batch(tiny_models, [audio_in[0], audio_in[1]], SlotSampling())  # lm_tiny: greedy
     for b, result in enumerate(results):
+        ref_tokens, ref_pcm = reference_server_run(tiny_models, audio_in[b])
         assert result.tokens.shape == (9, 49)
-        np.testing.assert_array_equal(result.tokens[0], pipeline["text_tokens"][b, 0].numpy())
-        np.testing.assert_array_equal(result.tokens[1:], pipeline["audio_tokens"][b].numpy())
+        np.testing.assert_array_equal(result.tokens, ref_tokens)
         assert result.pcm.shape == (94080,)
-        np.testing.assert_allclose(result.pcm, pipeline["audio_out"][b, 0].numpy(), atol=1e-4)
-        pieces = [tiny_models.tokenizer.piece(t) for t in pipeline["text_tokens"][b, 0].tolist()]
+        np.testing.assert_allclose(result.pcm, ref_pcm, atol=1e-5)
+        pieces = [tiny_models.tokenizer.piece(t) for t in ref_tokens[0].tolist()]
         assert result.transcript == "".join(p for p in pieces if p).strip()
 
 
@@ -70,10 +69,10 @@ def test_slots_are_independent_of_batch_neighbours(tiny_models, pipeline):
     short = pipeline["audio_in"][1, 0].numpy()[: 20 * FRAME_SIZE + 100]  # 21 frames
     alone = run_batch(tiny_models, [short])[0]
     together = run_batch(tiny_models, [long, short])
-    assert together[1].tokens.shape == (9, 21 - 2)  # first frame + acoustic delay of 1
+    assert together[1].tokens.shape == (9, 21 - 1)  # the acoustic delay of 1 (the first frame's step)
     np.testing.assert_array_equal(together[1].tokens, alone.tokens)
     np.testing.assert_allclose(together[1].pcm, alone.pcm, atol=1e-6)
-    assert together[0].tokens.shape == (9, 48)
+    assert together[0].tokens.shape == (9, 49)
 
 
 def test_cli_batch_of_two_files_is_deterministic(fixtures_dir, tiny_tokenizer_path, pipeline, tmp_path, capsys):
@@ -90,7 +89,7 @@ def test_cli_batch_of_two_files_is_deterministic(fixtures_dir, tiny_tokenizer_pa
     for name, seconds in (("a", 3.0), ("b", 30000 / 16000)):
         first, again = read_audio(tmp_path / "one" / f"{name}.wav"), read_audio(tmp_path / "two" / f"{name}.wav")
         frames_in = int(np.ceil(seconds * 24000 / FRAME_SIZE))
-        assert first.size == (frames_in - 2) * FRAME_SIZE
+        assert first.size == (frames_in - 1) * FRAME_SIZE
         np.testing.assert_array_equal(first, again)
         text = (tmp_path / "one" / f"{name}.txt").read_text()
         assert text.strip() and text == (tmp_path / "two" / f"{name}.txt").read_text()

@@ -65,13 +65,30 @@ def test_missing_token_id_embeds_to_zero():
         assert not lm(codes).mask[0, 0, 2]  # a missing target is masked out
 
 
-def test_unlimited_context_stream_is_bounded_by_max_steps():
+def test_unlimited_context_streams_exactly_up_to_max_steps():
     lm = random_lm(context=None)
-    gen = LMGen(lm, use_sampling=False)
-    state = gen.init_state(1, max_steps=5)
-    run(gen, state, random_user_codes(lm, 1, 5))
-    with pytest.raises(ValueError, match="max_steps"):
-        run(gen, state, random_user_codes(lm, 1, 1))
+    assert_streaming_equals_forward(lm, random_user_codes(lm, 2, 12), max_steps=12)
+
+
+def test_unlimited_context_slides_past_max_steps_with_resets():
+    """An LM without context streams forever: past max_steps it attends to the last max_steps steps
+    (exactly like the same weights with context=max_steps), slots restarting at their own times."""
+    window, steps = 6, 40
+    unlimited, windowed = random_lm(context=None), random_lm(context=window)  # same weights
+    user = random_user_codes(unlimited, 2, steps, seed=3)
+    outputs = []
+    for lm in (unlimited, windowed):
+        gen = LMGen(lm, use_sampling=False)
+        state = gen.init_state(2, max_steps=window)
+        tokens = []
+        for t in range(steps):
+            if t > 0 and t % 15 == 0:
+                state.reset(torch.tensor([True, False]))  # slot 1 runs all 40 steps
+            tokens.append(gen.step(user[:, :, t:t + 1], state)[0])
+        assert state.temporal.capacity == window
+        outputs.append(torch.cat(tokens, dim=2))
+    assert (outputs[0][:, :, -5:] >= 0).all()
+    assert torch.equal(outputs[0], outputs[1])
 
 
 def test_forward_trains():

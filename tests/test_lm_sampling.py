@@ -19,8 +19,8 @@ def draw(logits, *, use_sampling=True, temp=1.0, top_k=0, clock=0, seeds=None):
     sampling = SlotSampling.create(batch, "cpu", use_sampling=use_sampling, temp=temp, temp_text=temp,
                                    top_k=top_k, top_k_text=top_k)
     if seeds is not None:
-        sampling.seed.copy_(seeds)
-    keys = slot_keys(sampling.seed, torch.full((batch,), clock))
+        sampling.audio_seed.copy_(seeds)
+    keys = slot_keys(sampling.audio_seed, torch.full((batch,), clock))
     plan = sampling.plan(sampling.audio, VOCAB)
     noise = None if plan is None else gumbel_noise(keys, torch.tensor([1]), mix32(torch.arange(VOCAB)))[:, 0]
     return sample_tokens(logits, plan, noise)
@@ -97,9 +97,64 @@ def test_fixed_seed_reproduces_and_ignores_neighbours(lm_tiny):
     assert torch.equal(again, solo)
 
 
+def _seeded_state(gen, **seeds):
+    state = gen.init_state(2)
+    for slot in range(2):
+        state.set_slot_sampling(slot, **seeds)
+    return state
+
+
+@torch.inference_mode()
+def test_audio_seed_never_changes_the_text_noise(lm_tiny):
+    """Two runs differing only in audio_seed, the model's audio side teacher-forced to run a's tokens."""
+    gen = LMGen(lm_tiny, use_sampling=True, temp=1.5, temp_text=1.5, top_k=0, top_k_text=0)
+    a, b = _seeded_state(gen, seed=7), _seeded_state(gen, seed=7, audio_seed=8)
+    user = random_user_codes(lm_tiny, 2, 24, seed=3)
+    audio_differs = False
+    for t in range(user.shape[-1]):
+        hidden_a, text_a = gen.temporal_step(user[:, :, t:t + 1], a)
+        hidden_b, text_b = gen.temporal_step(user[:, :, t:t + 1], b)
+        assert torch.equal(text_a, text_b), f"text changed with audio_seed at step {t}"
+        audio_a = gen.depth_step(hidden_a, text_a, a)
+        audio_differs |= not torch.equal(audio_a, gen.depth_step(hidden_b, text_b, b))
+        gen.finish_step(text_a, audio_a, a)
+        gen.finish_step(text_b, audio_a, b)  # b is fed a's audio tokens
+    assert audio_differs
+
+
+@torch.inference_mode()
+def test_text_seed_never_changes_the_audio_noise(lm_tiny):
+    """Two runs differing only in text_seed, the text token teacher-forced to run a's."""
+    gen = LMGen(lm_tiny, use_sampling=True, temp=1.5, temp_text=1.5, top_k=0, top_k_text=0)
+    a, b = _seeded_state(gen, audio_seed=5, text_seed=1), _seeded_state(gen, audio_seed=5, text_seed=2)
+    user = random_user_codes(lm_tiny, 2, 24, seed=3)
+    text_differs = False
+    for t in range(user.shape[-1]):
+        hidden_a, text_a = gen.temporal_step(user[:, :, t:t + 1], a)
+        hidden_b, text_b = gen.temporal_step(user[:, :, t:t + 1], b)
+        text_differs |= not torch.equal(text_a, text_b)
+        audio_a = gen.depth_step(hidden_a, text_a, a)
+        audio_b = gen.depth_step(hidden_b, text_a, b)  # b's depth transformer sees a's text token
+        assert torch.equal(audio_a, audio_b), f"audio changed with text_seed at step {t}"
+        gen.finish_step(text_a, audio_a, a)
+        gen.finish_step(text_a, audio_b, b)
+    assert text_differs
+
+
+def test_seed_sets_both_streams(lm_tiny):
+    state = LMGen(lm_tiny).init_state(2)
+    state.set_slot_sampling(1, seed=11)
+    assert state.sampling.text_seed.tolist() == [0, 11] and state.sampling.audio_seed.tolist() == [0, 11]
+    state.set_slot_sampling(1, seed=12, audio_seed=13)
+    assert state.sampling.text_seed[1] == 12 and state.sampling.audio_seed[1] == 13
+    state.set_slot_sampling(1, text_seed=14)
+    assert state.sampling.text_seed[1] == 14 and state.sampling.audio_seed[1] == 13
+
+
 def test_bad_sampling_settings_are_refused(lm_tiny):
     state = LMGen(lm_tiny).init_state(2)
-    for kwargs in ({"temp": -1.0}, {"top_k": 2.5}, {"top_k_text": -3}, {"temp_text": float("nan")}):
+    for kwargs in ({"temp": -1.0}, {"top_k": 2.5}, {"top_k_text": -3}, {"temp_text": float("nan")},
+                   {"seed": 1.5}, {"audio_seed": 2**64}):
         with pytest.raises(ValueError):
             state.set_slot_sampling(0, **kwargs)
     with pytest.raises(ValueError, match="slot"):

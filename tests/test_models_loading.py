@@ -112,6 +112,18 @@ def test_hf_urls_for_single_files(fake_hub, fixtures_dir, tiny_tokenizer_path):
     assert models.model_name == "acme/tiny-moshi/lm.safetensors"
 
 
+def test_hf_weights_take_the_config_of_their_own_repo(fake_hub, fixtures_dir, tiny_tokenizer_path):
+    # No --config: the LM config comes from acme/tiny-moshi (the weights' repo), not the default --hf-repo.
+    models = load_models(parse(
+        "--moshi-weight", "hf://acme/tiny-moshi/lm.safetensors",
+        "--mimi-weight", str(fixtures_dir / "mimi_tiny/model.safetensors"),
+        "--mimi-config", str(fixtures_dir / "mimi_tiny/config.json"),
+        "--tokenizer", str(tiny_tokenizer_path), "--device", "cpu",
+    ))
+    assert_tiny_models(models)
+    assert models.lm_gen_defaults["top_k_text"] == 7  # the fake repo's lm_gen_config
+
+
 def test_missing_local_file_is_one_clear_error(fixtures_dir, tiny_tokenizer_path, tmp_path):
     argv = tiny_argv(fixtures_dir, tiny_tokenizer_path)
     argv[argv.index("--mimi-weight") + 1] = str(tmp_path / "nope.safetensors")

@@ -60,8 +60,8 @@ def test_handshake_is_the_first_message(server):
 def test_audio_in_gives_one_frame_out_per_frame_after_the_delay(server, models):
     frames = 16
     result = asyncio.run(converse(server.url, synth_audio(frames, 3)))
-    assert len(result.tokens) == frames - 2  # first frame discarded + one step of acoustic delay
-    assert [a.size for a in result.audio] == [FRAME] * (frames - 2)
+    assert len(result.tokens) == frames - 1  # one step of acoustic delay (the first frame's step)
+    assert [a.size for a in result.audio] == [FRAME] * (frames - 1)
     assert np.abs(np.concatenate(result.audio)).max() > 0
     pieces = [models.tokenizer.piece(t[0]) for t in result.tokens]
     assert result.text == [p for p in pieces if p]  # ids 0 and 3 never sent, "▁" -> " "
@@ -125,7 +125,7 @@ def test_bad_messages_end_only_that_session(server, payload, message):
 
     error, good = asyncio.run(main())
     assert message in error
-    assert len(good.tokens) == 8 and not good.errors
+    assert len(good.tokens) == 9 and not good.errors
 
 
 def test_ignored_kinds_keep_the_session_going(server):

@@ -133,12 +133,30 @@ def test_bad_configs_and_inputs_are_rejected():
     with pytest.raises(ValueError, match="norm"):
         TransformerConfig(d_model=32, num_heads=4, num_layers=1, dim_feedforward=8, norm="batch_norm")
     model = make(context=None)
+    with pytest.raises(ValueError, match="max_steps"):
+        model.init_state(2)
     state = model.init_state(2, chunk_size=2, max_steps=4)
     with pytest.raises(ValueError, match="chunk_size"):
         model(torch.randn(2, 3, 32), state)
-    model(torch.randn(2, 2, 32), state)
-    model(torch.randn(2, 2, 32), state)
-    with pytest.raises(ValueError, match="max_steps"):
-        model(torch.randn(2, 1, 32), state)
     with pytest.raises(ValueError, match="reset mask"):
         state.reset(torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="expected input"):
+        model(torch.randn(3, 1, 32), state)
+
+
+@pytest.mark.parametrize("chunks", [[1], [3], [2, 1]])
+@torch.no_grad()
+def test_unlimited_context_streams_as_a_window_of_max_steps(chunks):
+    unlimited = make(context=None)
+    windowed = make(context=5)
+    windowed.load_state_dict(unlimited.state_dict())
+    x = torch.randn(2, 17, 32)
+    state = unlimited.init_state(2, chunk_size=max(chunks), max_steps=5)
+    outputs, start = [], 0
+    for size in itertools.cycle(chunks):
+        if start >= x.shape[1]:
+            break
+        outputs.append(unlimited(x[:, start:start + size], state))
+        start += size
+    torch.testing.assert_close(torch.cat(outputs, 1), windowed(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(outputs, 1)[:, :5], unlimited(x[:, :5]), atol=1e-5, rtol=1e-5)
