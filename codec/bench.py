@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -97,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
         _check_args(args)
         devices = _devices(args.device)
     except ValueError as error:
-        print(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
         return 2
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)

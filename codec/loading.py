@@ -8,17 +8,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+# The strict key/shape check and its error type are shared with the LM loader.
+from ..model.checkpoint import CheckpointMismatchError  # noqa: F401  (re-exported by duplex.codec)
+from ..model.checkpoint import MAX_LISTED_KEYS, check_checkpoint_keys, safetensors_shapes, tensor_shapes
 from .config import MimiConfig
 from .mimi import Mimi
 
 logger = logging.getLogger(__name__)
-
-MAX_LISTED_KEYS = 20
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint's keys or shapes differ from the model built from the config."""
-
 
 def resolve_config(config: MimiConfig | dict | str | Path | None) -> MimiConfig:
     """A MimiConfig from None (the published preset), a MimiConfig, a Kyutai config dict or a JSON path."""
@@ -31,49 +27,25 @@ def resolve_config(config: MimiConfig | dict | str | Path | None) -> MimiConfig:
 
 def expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Every persistent key of the model's state dict with its shape (works on the meta device)."""
-    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    return tensor_shapes(model.state_dict())
 
 
-def _listed(keys: list[str]) -> str:
-    shown = ", ".join(keys[:MAX_LISTED_KEYS])
-    more = len(keys) - MAX_LISTED_KEYS
-    return shown + (f", ... ({more} more)" if more > 0 else "")
-
-
-def check_checkpoint(expected: dict[str, tuple[int, ...]], tensors: dict[str, Tensor], source: str) -> None:
-    """Raise CheckpointMismatchError naming every missing, unexpected or mis-shaped key."""
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    misshaped = sorted(
-        f"{key} (checkpoint {tuple(tensors[key].shape)}, model {expected[key]})"
-        for key in set(expected) & set(tensors)
-        if tuple(tensors[key].shape) != expected[key]
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_listed(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_listed(unexpected)}")
-    if misshaped:
-        problems.append(f"mis-shaped keys: {_listed(misshaped)}")
-    if problems:
-        raise CheckpointMismatchError(
-            f"checkpoint {source} does not match the Mimi config: " + "; ".join(problems)
-        )
-
-
-def _read_tensors(weights: str | Path | dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
+def _checkpoint_shapes(weights: str | Path | dict[str, Tensor]) -> tuple[dict[str, tuple[int, ...]], str]:
+    """Key -> shape of the checkpoint (a file's header only: no tensor read) and a name for messages."""
     if isinstance(weights, dict):
-        return dict(weights), "<state dict>"
-    path = Path(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"Mimi weights not found: {path}")
+        return tensor_shapes(weights), "<state dict>"
+    return safetensors_shapes(weights, "Mimi weights"), str(weights)
+
+
+def _read_tensors(weights: str | Path | dict[str, Tensor]) -> dict[str, Tensor]:
+    if isinstance(weights, dict):
+        return dict(weights)
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path), device="cpu"), str(path)
+        return load_file(str(weights), device="cpu")
     except Exception as error:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"cannot read {path} as safetensors: {error}") from error
+        raise ValueError(f"cannot read {weights} as safetensors: {error}") from error
 
 
 def finish_model(model: Mimi) -> Mimi:
@@ -82,7 +54,7 @@ def finish_model(model: Mimi) -> Mimi:
     model.pack_()
     left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
     if left:
-        raise RuntimeError(f"tensors left uninitialised after loading: {_listed(left)}")
+        raise RuntimeError(f"tensors left uninitialised after loading: {', '.join(left[:MAX_LISTED_KEYS])}")
     model.requires_grad_(False)
     return model.eval()
 
@@ -100,8 +72,9 @@ def load_mimi(
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     with torch.device("meta"):
         model = Mimi(config, num_codebooks=num_codebooks)
-    tensors, source = _read_tensors(weights)
-    check_checkpoint(expected_shapes(model), tensors, source)
+    shapes, source = _checkpoint_shapes(weights)
+    check_checkpoint_keys(expected_shapes(model), shapes, f"Mimi checkpoint {source}")
+    tensors = _read_tensors(weights)
     tensors = {
         key: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
         for key, value in tensors.items()

@@ -142,16 +142,30 @@ class Mimi(nn.Module):
 
     # ------------------------------------------------------------------ streaming
     @_inference
-    def encode_step(self, frame: Tensor, state: MimiState) -> Tensor:
-        """One frame of audio [B, 1, frame_size] -> codes [B, num_codebooks, 1] (int64)."""
-        frame = self._check_audio(frame, exact_frames=1)
+    def encode_step(self, frame: Tensor, state: MimiState, validate: bool | None = None) -> Tensor:
+        """One frame of audio [B, 1, frame_size] -> codes [B, num_codebooks, 1] (int64).
+
+        ``validate`` controls the NaN/inf check of the samples, which needs the values on the host:
+        None (default) checks CPU frames only, since on an accelerator it would block every step
+        on a device->host copy (the server validates PCM on the host before it reaches the codec);
+        True always checks, False never does. Shapes and dtypes are always checked.
+        """
+        if validate is None:
+            validate = isinstance(frame, Tensor) and frame.device.type == "cpu"
+        frame = self._check_audio(frame, exact_frames=1, check_finite=validate)
         self._check_state(state, frame.shape[0])
         return self._codes_from_audio(frame, state.encoder)
 
     @_inference
-    def decode_step(self, codes: Tensor, state: MimiState) -> Tensor:
-        """Codes of one frame [B, K, 1] -> audio [B, 1, frame_size] (float32)."""
-        codes = self._check_codes(codes, exact_frames=1, check_range=codes.device.type == "cpu")
+    def decode_step(self, codes: Tensor, state: MimiState, validate: bool | None = None) -> Tensor:
+        """Codes of one frame [B, K, 1] -> audio [B, 1, frame_size] (float32).
+
+        ``validate``: the range check of the codes, as for ``encode_step`` (None = CPU codes only;
+        off an accelerator's hot path because it needs a host sync).
+        """
+        if validate is None:
+            validate = isinstance(codes, Tensor) and codes.device.type == "cpu"
+        codes = self._check_codes(codes, exact_frames=1, check_range=validate)
         self._check_state(state, codes.shape[0])
         return self._audio_from_latent(self.quantizer.decode(codes), state.decoder)
 
@@ -232,8 +246,8 @@ class Mimi(nn.Module):
         missing = -audio.shape[-1] % self.frame_size
         return torch.nn.functional.pad(audio, (0, missing)) if missing else audio
 
-    def _check_audio(self, audio: Tensor, exact_frames: int | None = None) -> Tensor:
-        """Validate audio [B, 1, T] (float, finite) and move it to the model's device and dtype."""
+    def _check_audio(self, audio: Tensor, exact_frames: int | None = None, check_finite: bool = True) -> Tensor:
+        """Validate audio [B, 1, T] (float; finite if check_finite) and move it to the model's device and dtype."""
         if not isinstance(audio, Tensor):
             raise ValueError(f"audio must be a torch.Tensor, got {type(audio).__name__}")
         if audio.dim() != 3 or audio.shape[1] != 1 or audio.shape[0] < 1 or audio.shape[-1] < 1:
@@ -244,10 +258,11 @@ class Mimi(nn.Module):
             )
         if not audio.dtype.is_floating_point:
             raise ValueError(f"audio must be a floating-point tensor, got {audio.dtype}")
-        finite = torch.isfinite(audio).flatten(1).all(dim=1)  # [B]
-        if not bool(finite.all()):
-            bad = (~finite).nonzero().flatten().tolist()
-            raise ValueError(f"audio contains NaN or infinite samples (batch slots {bad})")
+        if check_finite:
+            finite = torch.isfinite(audio).flatten(1).all(dim=1)  # [B]; bool() below syncs with the host
+            if not bool(finite.all()):
+                bad = (~finite).nonzero().flatten().tolist()
+                raise ValueError(f"audio contains NaN or infinite samples (batch slots {bad})")
         return audio.to(self._param())
 
     def _check_codes(self, codes: Tensor, exact_frames: int | None = None, check_range: bool = True) -> Tensor:

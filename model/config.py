@@ -18,12 +18,15 @@ METADATA_KEYS = frozenset({
     "mimi_config", "stt_config", "tts_config", "gradient_checkpointing", "quantize", "model_name",
 })
 
-# Options of the reference that duplex does not implement; a truthy value is refused.
+# Options of the reference that duplex does not implement. Configs often spell them out with
+# their neutral value (false, null, {}, kv_repeat 1, ...); only a value that switches the
+# option on is refused (see ``_unsupported_options``).
 UNSUPPORTED_KEYS = frozenset({
     "conditioners", "fuser", "cross_attention", "demux_second_stream", "extra_heads_num_heads",
     "extra_heads_dim", "norm_emb", "bias_proj", "bias_ff", "bias_attn", "text_card_out", "lora",
     "depformer_cross_attention", "kv_repeat",
 })
+_FUSER_INPUTS = ("sum", "prepend", "cross", "input_interpolate")  # fuser entries that route conditions
 
 # Temporal options the depth transformer inherits unless a depformer_* key overrides them.
 _INHERITED = ("num_heads", "num_layers", "layer_scale", "max_period", "gating")
@@ -186,14 +189,35 @@ class LMConfig:
         return cls(**_kyutai_kwargs(dict(source)))
 
 
-def _is_set(value: Any) -> bool:
-    """Whether an option is switched on (None, False, 0 and empty containers mean off)."""
-    return value not in (None, False, 0) and value != {} and value != []
+def _is_off(value: Any) -> bool:
+    """Whether a flag-like option is switched off (None, False, 0 and empty containers)."""
+    return value is None or value is False or value == 0 or value == {} or value == []
+
+
+def _is_neutral(key: str, value: Any, raw: Mapping[str, Any]) -> bool:
+    """Whether an unsupported option's value leaves the model as the plain Moshi LM."""
+    if key == "kv_repeat":  # key/value heads shared by kv_repeat query heads: 1 = ordinary attention
+        return value is None or value == 1
+    if key == "extra_heads_dim":  # the size of heads that exist only with extra_heads_num_heads > 0
+        return _is_off(raw.get("extra_heads_num_heads"))
+    if key == "text_card_out":  # the text head's size: neutral when it is the usual one
+        text_card = raw.get("text_card", LMConfig.text_card)
+        padding = raw.get("existing_text_padding_id", LMConfig.existing_text_padding_id)
+        return value is None or value == text_card + (1 if padding is None else 0)
+    if key == "fuser" and isinstance(value, Mapping):  # fuser settings that route no condition anywhere
+        return all(_is_off(value.get(name)) for name in _FUSER_INPUTS)
+    return _is_off(value)
+
+
+def _unsupported_options(raw: Mapping[str, Any]) -> list[str]:
+    """The unsupported options that raw switches on, as ``key=value`` (sorted)."""
+    return [f"{key}={raw[key]!r}" for key in sorted(UNSUPPORTED_KEYS)
+            if key in raw and not _is_neutral(key, raw[key], raw)]
 
 
 def _kyutai_kwargs(raw: dict[str, Any]) -> dict[str, Any]:
     """Map a Kyutai config dict onto LMConfig keyword arguments (refusing what is unsupported)."""
-    refused = sorted(k for k in UNSUPPORTED_KEYS if _is_set(raw.get(k)))
+    refused = _unsupported_options(raw)
     if refused:
         raise ValueError(f"unsupported LM option(s) {', '.join(refused)}: duplex implements the "
                          "unconditioned Moshi LM only")

@@ -181,9 +181,9 @@ class LMGen:
         for k in range(self.dep_q):
             index = config.depformer_input_index(k)
             if index not in projections:
-                projections[index] = lm.depformer_in[index](hidden)  # [B, 1, Dd]
-            table = lm.depformer_text_emb if k == 0 else lm.depformer_emb[k - 1]
-            depth_in = projections[index] + table.lookup(previous)  # [B, 1, Dd]
+                projections[index] = lm.depformer_projection(k, hidden)  # [B, 1, Dd]
+            depth_in = lm.depformer_input(k, hidden, previous, projection=projections[index],
+                                          known_tokens=True)  # [B, 1, Dd]
             logits = lm.linears[k](lm.depformer(depth_in, state.depth))  # [B, 1, card]
             token = sample_tokens(logits[:, 0], plan, None if noise is None else noise[:, k])
             tokens.append(token)

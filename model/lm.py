@@ -124,15 +124,26 @@ class LMModel(nn.Module):
         hidden = self.out_norm(self.transformer(self.embed_frames(tokens), state))
         return hidden, self.text_linear(hidden)[:, None]
 
-    def depformer_input(self, codebook: int, hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    def depformer_projection(self, codebook: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The temporal context of model codebook ``codebook``: hidden [B, T, dim] -> [B, T, depformer_dim].
+
+        Codebooks that share a ``depformer_in`` projection (see ``config.depformer_input_index``)
+        share this value, so generation computes it once per projection.
+        """
+        return self.depformer_in[self.config.depformer_input_index(codebook)](hidden)
+
+    def depformer_input(self, codebook: int, hidden: torch.Tensor, previous: torch.Tensor,
+                        projection: torch.Tensor | None = None, known_tokens: bool = False) -> torch.Tensor:
         """Input of the depth transformer for model codebook ``codebook``.
 
         hidden [B, T, dim], previous [B, T] (the text token for codebook 0, else audio codebook - 1)
-        -> [B, T, depformer_dim].
+        -> [B, T, depformer_dim]. ``projection``: ``depformer_projection(codebook, hidden)`` when
+        already computed; ``known_tokens``: previous holds no -1 ("no input"), which skips masking.
         """
-        projection = self.depformer_in[self.config.depformer_input_index(codebook)](hidden)
+        if projection is None:
+            projection = self.depformer_projection(codebook, hidden)
         table = self.depformer_text_emb if codebook == 0 else self.depformer_emb[codebook - 1]
-        return projection + table(previous)
+        return projection + (table.lookup(previous) if known_tokens else table(previous))
 
     # ----------------------------------------------------------------- teacher-forced pass
     def forward(self, codes: torch.Tensor) -> LMOutput:

@@ -1,7 +1,9 @@
-"""Strict loading of Kyutai LM checkpoints: build on ``meta``, assign the tensors, cast.
+"""Strict loading of Kyutai LM checkpoints: build on ``meta``, check, assign the tensors, cast.
 
-Building on the meta device first means the parameters are never allocated twice: the
-checkpoint's tensors (read straight onto the target device) become the model's parameters.
+Keys and shapes are checked from the safetensors header before any tensor is read, so a wrong
+config fails at once. Building on the meta device first means the parameters are never
+allocated twice: the checkpoint's tensors (read straight onto the target device) become the
+model's parameters.
 """
 
 from __future__ import annotations
@@ -12,16 +14,22 @@ from typing import Mapping
 
 import torch
 
+from .checkpoint import (MAX_LISTED_KEYS, CheckpointMismatchError, check_checkpoint_keys, safetensors_shapes,
+                         tensor_shapes)
 from .config import LMConfig
 from .lm import LMModel
 
 logger = logging.getLogger(__name__)
 
-_LISTED = 8  # how many offending keys an error message names
+# The old name of the shared error type (see ``duplex.model.checkpoint``), kept for imports.
+CheckpointMismatch = CheckpointMismatchError
 
 
-class CheckpointMismatch(ValueError):
-    """The checkpoint's keys or shapes do not match the model built from the config."""
+def checkpoint_shapes(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a checkpoint: a state dict's, or a safetensors file's header (no tensor read)."""
+    if isinstance(source, Mapping):
+        return tensor_shapes(source)
+    return safetensors_shapes(source, "LM weights")
 
 
 def read_weights(source: str | Path | Mapping[str, torch.Tensor], device: torch.device,
@@ -46,23 +54,6 @@ def read_weights(source: str | Path | Mapping[str, torch.Tensor], device: torch.
     return tensors
 
 
-def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> None:
-    """Raise CheckpointMismatch naming missing, unexpected and mis-shaped keys."""
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    misshaped = sorted(
-        f"{k} (checkpoint {tuple(given[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in set(expected) & set(given) if tuple(given[k].shape) != tuple(expected[k].shape))
-    problems = []
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-        if items:
-            shown = ", ".join(items[:_LISTED]) + (f", ... ({len(items)} in all)" if len(items) > _LISTED else "")
-            problems.append(f"{len(items)} {title} key(s): {shown}")
-    if problems:
-        raise CheckpointMismatch("the LM checkpoint does not match its config: " + "; ".join(problems)
-                                 + " (wrong config.json for these weights?)")
-
-
 def default_config_for(weights: str | Path | Mapping[str, torch.Tensor]) -> LMConfig:
     """config.json next to the weights file when there is one, else the Moshi 7B preset."""
     if not isinstance(weights, Mapping):
@@ -81,13 +72,13 @@ def load_lm(weights: str | Path | Mapping[str, torch.Tensor], config: LMConfig |
     device = torch.device(device)
     with torch.device("meta"):
         model = LMModel(config)
-    expected = model.state_dict()
+    source = "the LM checkpoint" if isinstance(weights, Mapping) else f"the LM checkpoint {weights}"
+    check_checkpoint_keys(tensor_shapes(model.state_dict()), checkpoint_shapes(weights), source)
     tensors = read_weights(weights, device, dtype)
-    check_state_dict(expected, tensors)
     model.load_state_dict(tensors, strict=True, assign=True)
     leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
-        raise CheckpointMismatch(f"tensors left unloaded after loading: {', '.join(leftover[:_LISTED])}")
+        raise CheckpointMismatchError(f"tensors left unloaded after loading: {', '.join(leftover[:MAX_LISTED_KEYS])}")
     model.eval()
     count = sum(t.numel() for t in model.parameters())
     logger.info("LM loaded: %.1f M parameters, %s on %s", count / 1e6, dtype, device)

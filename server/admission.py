@@ -42,6 +42,7 @@ class Admission:
         self.metrics = metrics
         self.active = 0
         self.closed = False
+        self.closed_reason = "server shutting down"
         self._waiters: deque[_Waiter] = deque()
 
     @property
@@ -58,7 +59,7 @@ class Admission:
     async def acquire(self, on_position: Callable[[int], Awaitable[None]]) -> None:
         """Wait for a slot. Raises Busy (queue full) or Closed (shutting down)."""
         if self.closed:
-            raise Closed("the server is shutting down")
+            raise Closed(self.closed_reason)
         if self.try_acquire():
             return
         if len(self._waiters) >= self.max_queue:
@@ -77,7 +78,7 @@ class Admission:
         sent = None
         while not waiter.granted:
             if self.closed:
-                raise Closed("the server is shutting down")
+                raise Closed(self.closed_reason)
             position = self._waiters.index(waiter) + 1
             waiter.changed.clear()
             if position != sent:
@@ -105,8 +106,10 @@ class Admission:
             self.active = max(0, self.active - 1)
         self._update_gauge()
 
-    def close(self) -> None:
-        """Stop admitting: new and queued clients get Closed."""
+    def close(self, reason: str = "server shutting down") -> None:
+        """Stop admitting: new and queued clients get Closed(reason) (the first reason given stays)."""
+        if not self.closed:
+            self.closed_reason = reason
         self.closed = True
         self._notify_all()
 

@@ -127,6 +127,16 @@ class DuplexEngine:
         self._first_frame[slot] = True
         self._sampling[slot] = sampling or SlotSampling()
 
+    def reset_all(self) -> None:
+        """Restart every slot's streaming state (after a failed step); slots must be joined again."""
+        everyone = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)  # [B]
+        with torch.inference_mode():
+            self.mimi_state.reset(everyone)
+            self.lm_state.reset(everyone)
+        self._first_frame[:] = False
+        self._lm_steps[:] = 0
+        self._sampling.clear()
+
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.batch_size:
             raise ValueError(f"slot {slot} out of range [0, {self.batch_size})")

@@ -47,7 +47,8 @@ class ServerMetrics:
         )
         self.frames_dropped = Counter(
             "duplex_frames_dropped", "Frames discarded: in = user audio sent before the session started "
-            "(while queued), out = model frames never sent (client too slow or gone)", ["direction"], registry=r,
+            "(while queued) or late user frames dropped to catch up after silence was stepped in their place, "
+            "out = model frames never sent (client too slow or gone)", ["direction"], registry=r,
         )
         self.bytes = Counter("duplex_bytes", "Websocket payload bytes", ["direction"], registry=r)
         self.sessions_ended = Counter("duplex_sessions_ended", "Finished sessions by reason", ["reason"],
@@ -95,6 +96,7 @@ class SessionRecord:
     frames_in: int = 0
     frames_out: int = 0
     frames_late: int = 0
+    frames_dropped_in: int = 0
     frames_dropped_out: int = 0
     bytes_in: int = 0
     bytes_out: int = 0

@@ -15,15 +15,20 @@ a client whose frame is really missing at the deadline gets 80 ms of silence (co
 ``duplex_frames_late``, like packet-loss concealment) and is marked *stalled*: later ticks do not
 wait for it until one of its frames has been stepped again. A stalled or vanished client thus
 delays the others once, by at most 80 ms + grace, and never corrupts them.
+Catching up: each silence frame is *owed* by the session. When its late frames arrive and more than
+one is queued, the oldest is dropped for each owed frame (``duplex_frames_dropped{direction="in"}``),
+so a burst of lateness does not leave a permanent backlog (with other sessions pacing the ticks, the
+late frames would otherwise be stepped one tick late forever). Only inserted silence creates a debt:
+clients that stream faster than real time never get silence and stay lossless.
 Why not "step only ready slots"? It would need every streaming module (conv buffers, KV caches,
 LM delay buffers) to support masked, per-slot state updates; lockstep keeps the step one plain
 batched call and costs at most one frame of added latency per session.
 
 Backlog: the inbox holds at most ``inbox_frames`` frames. A client that sends faster than real
 time (file streaming) is throttled by backpressure (the session's feeder waits; once the session's
-bounded receive buffer is full too, it stops reading its socket), so no user audio of a started
-session is ever dropped, and a fast client never makes the ticks of
-real-time peers run faster. Known limit: a client whose audio clock runs faster than the slowest
+bounded receive buffer is full too, it stops reading its socket), so its user audio is never
+dropped (only frames owed for stepped silence are, see above), and a fast client never makes the
+ticks of real-time peers run faster. Known limit: a client whose audio clock runs faster than the slowest
 peer's slowly builds a backlog (0.01 % drift = 0.36 s per hour); ``--max-session-seconds`` bounds it.
 A session's first frame is handled by the engine's first frame rule; a joined session is not
 waited for until its first frame has been stepped.
@@ -46,6 +51,13 @@ from duplex.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
+MAX_CONSECUTIVE_FAILURES = 3  # failed steps in a row (each followed by an engine reset) before giving up
+
+
+def failure_message(exc: BaseException) -> str:
+    """The kind-5 text a session gets when the model failed (no traceback)."""
+    return f"server error: {type(exc).__name__}: {exc}".rstrip(": ")
+
 
 class OutputSink(Protocol):
     """Receives a slot's output on the event loop thread."""
@@ -60,6 +72,10 @@ class OutputSink(Protocol):
 
 class SchedulerFull(RuntimeError):
     """No free slot (admission should have prevented this)."""
+
+
+class SchedulerFailed(RuntimeError):
+    """The worker stopped after an unrecoverable model failure: no session can start."""
 
 
 @dataclass(eq=False)
@@ -78,6 +94,8 @@ class SlotHandle:
     closed: bool = False
     frames_in: int = 0
     frames_late: int = 0
+    frames_dropped: int = 0  # late user frames dropped to pay back the silence stepped in their place
+    owed: int = 0  # silence frames stepped for this session and not yet paid back by a dropped frame
     tick_arrival: float | None = None  # arrival time of the frame stepped in the current tick
     space: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -102,7 +120,8 @@ class Scheduler:
         self.tick_observer = None  # optional callable(StepOutput, sessions stepped), for benchmarks
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # set when the worker stopped for good
+        self.on_fatal = None  # optional callable(exc), called from the worker thread when it stops for good
         metrics.max_sessions.set(self.batch_size)
 
     # ------------------------------------------------------------------ lifecycle
@@ -130,6 +149,8 @@ class Scheduler:
         """Bind a session to the lowest free slot; its state is reset when its first frame is stepped."""
         loop = asyncio.get_running_loop()
         with self._cond:
+            if self.error is not None:
+                raise SchedulerFailed(failure_message(self.error))
             for slot, handle in enumerate(self._handles):
                 if handle is None:
                     new = SlotHandle(slot=slot, sink=sink, loop=loop, sampling=sampling)
@@ -143,14 +164,18 @@ class Scheduler:
         with self._cond:
             if handle.closed:
                 return
-            handle.closed = True
-            handle.inbox.clear()
-            handle.arrivals.clear()
-            if self._handles[handle.slot] is handle:
-                self._handles[handle.slot] = None
-                self.metrics.active_sessions.dec()
-            self._cond.notify_all()
+            self._unbind(handle)
         handle.space.set()
+
+    def _unbind(self, handle: SlotHandle) -> None:
+        """Free the handle's slot and drop its pending frames; called with the lock held."""
+        handle.closed = True
+        handle.inbox.clear()
+        handle.arrivals.clear()
+        if self._handles[handle.slot] is handle:
+            self._handles[handle.slot] = None
+            self.metrics.active_sessions.dec()
+        self._cond.notify_all()
 
     async def push(self, handle: SlotHandle, frame: np.ndarray, arrived: float | None = None) -> None:
         """Queue one [1920] frame for the session, waiting while its inbox is full (backpressure).
@@ -177,19 +202,48 @@ class Scheduler:
 
             torch.set_num_threads(self.torch_threads)
         try:
-            while True:
-                stepped = self._wait_and_gather()
-                if stepped is None:
-                    return
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - a bug outside the step: report it and stop
+            logger.exception("scheduler worker failed")
+            self._stop_for_good(exc)
+
+    def _loop(self) -> None:
+        failures = 0
+        while True:
+            stepped = self._wait_and_gather()
+            if stepped is None:
+                return
+            try:
                 output = self.engine.step(self._pcm)
+                failures = 0
                 self._record(stepped, output)
                 if self.tick_observer is not None:
                     self.tick_observer(output, len(stepped))
                 self._dispatch(stepped, output)
-        except BaseException as exc:  # noqa: BLE001 - reported to every session, then logged
-            self.error = exc
-            logger.exception("scheduler worker failed; ending all sessions")
-            self._fail_all(exc)
+            except Exception as exc:  # noqa: BLE001 - reported to every session, then recovered from
+                failures += 1
+                logger.exception("model step failed (%d in a row); ending every active session", failures)
+                self._fail_all(exc)
+                if not self._recover(exc, failures):
+                    return
+
+    def _recover(self, exc: Exception, failures: int) -> bool:
+        """End every session after a failed step and reset the engine; False = the worker cannot go on."""
+        if failures <= MAX_CONSECUTIVE_FAILURES:
+            try:
+                self.engine.reset_all()
+                return True
+            except Exception:  # noqa: BLE001 - the engine cannot be reset: the server is broken
+                logger.exception("resetting the engine after a failed step failed")
+        self._stop_for_good(exc)
+        return False
+
+    def _stop_for_good(self, exc: BaseException) -> None:
+        logger.error("the model worker stops: the server admits nobody and /healthz reports unavailable")
+        self.error = exc
+        self._fail_all(exc)
+        if self.on_fatal is not None:
+            self.on_fatal(exc)
 
     def _wait_and_gather(self) -> list[SlotHandle] | None:
         """Block until a tick is due, then fill ``self._pcm`` and return the sessions stepped."""
@@ -216,6 +270,7 @@ class Scheduler:
         self._pcm.fill(0.0)
         stepped = []
         for handle in bound:
+            self._drop_owed(handle)
             if handle.inbox:
                 self._pcm[handle.slot] = handle.inbox.popleft()
                 handle.tick_arrival = handle.arrivals.popleft()
@@ -229,11 +284,26 @@ class Scheduler:
                 handle.tick_arrival = None
                 handle.stalled = True
                 handle.frames_late += 1
+                handle.owed += 1
                 self.metrics.frames_late.inc()
             else:
                 continue  # joined, first frame not yet here: its slot's output is ignored
             stepped.append(handle)
         return stepped
+
+    def _drop_owed(self, handle: SlotHandle) -> None:
+        """Catch up after lateness: each silence frame stepped for the session is paid back by dropping
+        its oldest queued frame, while more than one is queued (lock held). Clients streaming faster
+        than real time never got silence, so they owe nothing and lose nothing."""
+        dropped = 0
+        while handle.owed > 0 and len(handle.inbox) > 1:
+            handle.inbox.popleft()
+            handle.arrivals.popleft()
+            handle.owed -= 1
+            dropped += 1
+        if dropped:
+            handle.frames_dropped += dropped
+            self.metrics.frames_dropped.labels("in").inc(dropped)
 
     def _record(self, stepped: list[SlotHandle], output: StepOutput) -> None:
         t = output.timings
@@ -269,10 +339,18 @@ class Scheduler:
                 handle.sink.fail(f"server error: {type(exc).__name__}")
 
     def _fail_all(self, exc: BaseException) -> None:
+        """Unbind every session (its pending frames are dropped) and end it with a kind-5 error."""
         with self._cond:
             handles = [h for h in self._handles if h is not None]
+            for handle in handles:
+                self._unbind(handle)
+        reason = failure_message(exc)
         for handle in handles:
             try:
-                handle.loop.call_soon_threadsafe(handle.sink.fail, f"server error: {type(exc).__name__}")
+                handle.loop.call_soon_threadsafe(handle.sink.fail, reason)
+            except RuntimeError:  # the loop is closed: its sessions are gone
+                pass
+            try:
+                handle.loop.call_soon_threadsafe(handle.space.set)
             except RuntimeError:
                 pass

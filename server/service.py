@@ -12,7 +12,7 @@ from duplex.server.admission import Admission
 from duplex.server.engine import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, DuplexEngine, SlotSampling
 from duplex.server.metrics import ServerMetrics
 from duplex.server.protocol import MODEL_VERSION, PROTOCOL_VERSION, SessionParams
-from duplex.server.scheduler import Scheduler
+from duplex.server.scheduler import Scheduler, failure_message
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,25 @@ class DuplexService:
         self.shutting_down = False
 
     def start(self) -> None:
+        """Start the model worker (call on the event loop that serves the sessions)."""
+        loop = asyncio.get_running_loop()
+
+        def stop_admitting(exc: BaseException) -> None:  # from the worker thread, when the model is broken
+            try:
+                loop.call_soon_threadsafe(self.admission.close, failure_message(exc))
+            except RuntimeError:  # the loop is closed already
+                pass
+
+        self.scheduler.on_fatal = stop_admitting
         self.scheduler.start()
+
+    def refusal(self) -> str | None:
+        """Why no session can start now (shutting down, broken model), or None."""
+        if self.shutting_down:
+            return "server shutting down"
+        if self.scheduler.error is not None:
+            return failure_message(self.scheduler.error)
+        return None
 
     async def shutdown(self, drain_timeout: float = 10.0) -> None:
         """Stop admitting, tell every connected client (kind 5), let sessions drain, stop the worker."""

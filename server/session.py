@@ -39,6 +39,7 @@ from duplex.server import protocol
 from duplex.server.admission import Busy, Closed
 from duplex.server.metrics import SessionRecord
 from duplex.server.protocol import MessageKind, ProtocolError
+from duplex.server.scheduler import SchedulerFailed
 
 if TYPE_CHECKING:
     from duplex.server.app import DuplexService
@@ -50,6 +51,9 @@ logger = logging.getLogger(__name__)
 # more than this (plus the scheduler inbox) ahead of the model.
 RECEIVE_BUFFER_FRAMES = 250
 CLOSE_TIMEOUT_SECONDS = 1.0  # how long sending the close frame may take
+# Outbox bound: a model frame queues up to 3 messages (audio page, text piece, token ids), so a client
+# is "too slow" once it leaves ``outbox_frames`` audio pages or 3x that many messages of any kind unsent.
+MESSAGES_PER_FRAME = 3
 
 
 class FrameAssembler:
@@ -89,6 +93,8 @@ class Session:
         # (message, arrival times of the user frames whose output it carries); None = stop sending
         self.outbox: asyncio.Queue[tuple[bytes, list[float]] | None] = asyncio.Queue()
         self._audio_queued = 0  # audio messages in the outbox
+        self._queued = 0  # messages of any kind in the outbox (bounded: see deliver)
+        self._holds_admission = False
         self._received: asyncio.Queue[tuple[np.ndarray, float]] = asyncio.Queue(RECEIVE_BUFFER_FRAMES)
         self._unsent_arrivals: list[float] = []  # frames handed to the Opus writer, no page out yet
         self._done = asyncio.Event()
@@ -98,6 +104,7 @@ class Session:
         self._opus_out = sphn.OpusStreamWriter(service.sample_rate)
         self._frames = FrameAssembler(service.frame_size)
         self.handle = None
+        self._resolved: dict = {}  # the session's resolved sampling settings (metadata)
 
     # ------------------------------------------------------------------ entry point
     async def run(self) -> None:
@@ -112,15 +119,44 @@ class Session:
             return
         if not await self._wait_for_slot():
             return
+        self._holds_admission = True
         self.record.queued_s = time.monotonic() - started
+        refusal = self._join_scheduler(params)
+        if refusal is not None:
+            self._release_admission()
+            reason = "shutdown" if self.service.shutting_down else "server_error"
+            self.service.metrics.rejected.labels(reason).inc()
+            await self._reject(refusal, reason)
+            return
         try:
             await self._converse(params)
         finally:
-            self.service.admission.release()
+            self._release_admission()
             self.record.duration_s = time.monotonic() - started - self.record.queued_s
             self.record.end_reason = self._end_reason or "unknown"
             self.service.metrics.sessions_ended.labels(self.record.end_reason).inc()
             self.record.log()
+
+    def _release_admission(self) -> None:
+        """Give the admitted slot back (once), so that the next queued client starts."""
+        if self._holds_admission:
+            self._holds_admission = False
+            self.service.admission.release()
+
+    def _join_scheduler(self, params: protocol.SessionParams) -> str | None:
+        """Bind to a batch slot, unless the server is shutting down or broken (the refusal, sent as kind 5).
+
+        No await between the check and the join: a session admitted just as shutdown starts is told.
+        """
+        refusal = self.service.refusal()
+        if refusal is not None:
+            return refusal
+        sampling, self._resolved = self.service.sampling_for(params)
+        try:
+            self.handle = self.service.scheduler.join(self, sampling)
+        except SchedulerFailed as exc:
+            return str(exc)
+        return None
 
     async def _reject(self, message: str, reason: str) -> None:
         """Refuse the session with a kind-5 error, then close."""
@@ -157,15 +193,26 @@ class Session:
             return False
         try:
             acquire.result()
-        except Busy as exc:
+        except (Busy, Closed):
+            return await self._refuse_queued(acquire.exception())
+        except Exception:  # noqa: BLE001 - a position update found the client gone
+            logger.debug("session %s: left while queued", self.id, exc_info=True)
+            self.service.metrics.rejected.labels("left_queue").inc()
+            self.record.end_reason = "left_queue"
+            self.record.log()
+            return False
+        return True
+
+    async def _refuse_queued(self, exc: Exception) -> bool:
+        """Busy or Closed while queueing: a kind-5 error, then close. Always False."""
+        if isinstance(exc, Busy):
             self.service.metrics.rejected.labels("busy").inc()
             await self._reject(str(exc), "busy")
             return False
-        except Closed as exc:
-            self.service.metrics.rejected.labels("shutdown").inc()
-            await self._reject(str(exc), "shutdown")
-            return False
-        return True
+        reason = "shutdown" if self.service.shutting_down else "server_error"
+        self.service.metrics.rejected.labels(reason).inc()
+        await self._reject(str(exc), reason)
+        return False
 
     async def _send_position(self, position: int) -> None:
         await self._send_now(protocol.encode_metadata({"type": "queue", "queue_position": position}))
@@ -189,17 +236,16 @@ class Session:
 
     # ------------------------------------------------------------------ the conversation
     async def _converse(self, params: protocol.SessionParams) -> None:
-        sampling, resolved = self.service.sampling_for(params)
-        self.handle = self.service.scheduler.join(self, sampling)
+        """Stream with the bound slot until the session ends; the slot is freed (and admission released)
+        before the output is flushed."""
         self.record.slot = self.handle.slot
         self.service.sessions.add(self)
         sender = asyncio.ensure_future(self._send_loop())
         receiver = asyncio.ensure_future(self._receive_loop())
         feeder = asyncio.ensure_future(self._feed_loop())
         try:
-            self.outbox.put_nowait((protocol.encode_handshake(), []))
-            metadata = self.service.session_metadata(self.id, params, resolved)
-            self.outbox.put_nowait((protocol.encode_metadata(metadata), []))
+            self._enqueue(protocol.encode_handshake())
+            self._enqueue(protocol.encode_metadata(self.service.session_metadata(self.id, params, self._resolved)))
             limit = self.service.settings.max_session_seconds or None
             try:
                 await asyncio.wait_for(self._done.wait(), timeout=limit)
@@ -207,6 +253,7 @@ class Session:
                 self.finish("time_limit", f"session time limit of {limit:g} s reached")
         finally:
             self.service.scheduler.leave(self.handle)
+            self._release_admission()  # the slot is free now: a queued client need not wait for the flush
             self.service.sessions.discard(self)
             receiver.cancel()
             feeder.cancel()
@@ -214,6 +261,7 @@ class Session:
             await self._drain_and_close(sender)
             self.record.frames_in = self.handle.frames_in
             self.record.frames_late = self.handle.frames_late
+            self.record.frames_dropped_in = self.handle.frames_dropped
 
     def finish(self, reason: str, error: str | None = None) -> None:
         """End the session (first call wins); ``error`` is sent as kind 5 after the pending output."""
@@ -301,6 +349,7 @@ class Session:
             if item is None:
                 return
             data, arrivals = item
+            self._queued -= 1
             if data[0] == MessageKind.AUDIO:
                 self._audio_queued -= 1
             try:
@@ -336,25 +385,31 @@ class Session:
         """
         if self._done.is_set():
             return
-        if self._audio_queued >= self.service.settings.outbox_frames:
-            seconds = self._audio_queued * self.service.frame_size / self.service.sample_rate
-            self.finish("slow_client", f"client too slow: {seconds:.1f} s of model audio not read")
+        limit = self.service.settings.outbox_frames
+        if self._audio_queued >= limit or self._queued >= limit * MESSAGES_PER_FRAME:
+            frames = max(self._audio_queued, self._queued // MESSAGES_PER_FRAME)
+            seconds = frames * self.service.frame_size / self.service.sample_rate
+            self.finish("slow_client", f"client too slow: {seconds:.1f} s of model output not read")
             return
         if arrived is not None:
             self._unsent_arrivals.append(arrived)
         ogg = self._opus_out.append_pcm(pcm)
         if ogg:
-            self.outbox.put_nowait((protocol.encode_audio(ogg), self._unsent_arrivals))
+            self._enqueue(protocol.encode_audio(ogg), self._unsent_arrivals)
             self._unsent_arrivals = []
             self._audio_queued += 1
         piece = self.service.text_piece(text_id)
         if piece:
-            self.outbox.put_nowait((protocol.encode_text(piece), []))
+            self._enqueue(protocol.encode_text(piece))
         if self.service.settings.send_tokens:
-            tokens_message = protocol.encode_metadata({"type": "tokens", "tokens": tokens.tolist()})
-            self.outbox.put_nowait((tokens_message, []))
+            self._enqueue(protocol.encode_metadata({"type": "tokens", "tokens": tokens.tolist()}))
         self.record.frames_out += 1
         self.service.metrics.frames_out.inc()
+
+    def _enqueue(self, data: bytes, arrivals: list[float] | None = None) -> None:
+        """Queue one message for the sender (counted against the slow-client limit)."""
+        self.outbox.put_nowait((data, arrivals or []))
+        self._queued += 1
 
     def fail(self, reason: str) -> None:
         """The scheduler died: end with an error."""

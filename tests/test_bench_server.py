@@ -12,7 +12,7 @@ def test_bench_server_runs_and_loses_no_frame(fixtures_dir, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert re.search(r"frames sent\s+25\b", out)
-    assert re.search(r"model frames received\s+23 \(expected 23\)", out)
+    assert re.search(r"model frames received\s+24 \(expected 24\)", out)
     assert re.search(r"frames lost \(must be 0\)\s+0:", out)
     assert re.search(r"client round trip .* median [\d.]+ ms, p99 [\d.]+ ms", out)
     assert re.search(r"server latency \(frame in -> audio sent\)\s+median [\d.]+ ms, p99 [\d.]+ ms", out)

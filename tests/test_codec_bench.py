@@ -22,4 +22,5 @@ def test_bench_codec_rejects_bad_flags(capsys):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     assert bench.main(parser.parse_args(["--frames", "0"])) == 2
-    assert "error" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "error: --frames must be >= 1" in captured.err and captured.out == ""

@@ -82,13 +82,13 @@ def _load(weights, fixtures_dir):
 def test_missing_key_is_named(fixtures_dir, tiny_weights):
     weights = dict(tiny_weights)
     del weights["decoder.model.2.convtr.convtr.bias"]
-    with pytest.raises(CheckpointMismatchError, match=r"missing keys: decoder\.model\.2\.convtr\.convtr\.bias"):
+    with pytest.raises(CheckpointMismatchError, match=r"1 missing key\(s\): decoder\.model\.2\.convtr\.convtr\.bias"):
         _load(weights, fixtures_dir)
 
 
 def test_unexpected_key_is_named(fixtures_dir, tiny_weights):
     weights = dict(tiny_weights, **{"encoder.model.99.conv.conv.weight": torch.zeros(1)})
-    with pytest.raises(CheckpointMismatchError, match=r"unexpected keys: encoder\.model\.99\.conv\.conv\.weight"):
+    with pytest.raises(CheckpointMismatchError, match=r"1 unexpected key\(s\): encoder\.model\.99\.conv\.conv\.weight"):
         _load(weights, fixtures_dir)
 
 
@@ -102,8 +102,23 @@ def test_misshaped_key_is_named(fixtures_dir, tiny_weights, tmp_path):
 
 
 def test_wrong_config_for_checkpoint_fails_loudly(fixtures_dir):
-    with pytest.raises(CheckpointMismatchError, match="mis-shaped keys"):
+    with pytest.raises(CheckpointMismatchError, match=r"mis-shaped key\(s\)"):
         Mimi.from_pretrained(fixtures_dir / "mimi_tiny" / "model.safetensors")  # official config, tiny weights
+
+
+def test_mismatch_is_found_before_any_tensor_is_read(fixtures_dir, monkeypatch, tmp_path):
+    import safetensors.torch
+
+    def must_not_read(*args, **kwargs):
+        raise AssertionError("tensors were read before the keys and shapes were checked")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", must_not_read)
+    with pytest.raises(CheckpointMismatchError, match=r"Mimi checkpoint .*mimi_tiny/model\.safetensors"):
+        Mimi.from_pretrained(fixtures_dir / "mimi_tiny" / "model.safetensors")  # official config
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="cannot read Mimi weights"):
+        _load(junk, fixtures_dir)
 
 
 def test_missing_file_and_bad_num_codebooks(fixtures_dir, tmp_path):

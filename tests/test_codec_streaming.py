@@ -147,3 +147,26 @@ def test_num_codebooks_setting(tiny, audio):
         assert tiny.encode_step(audio[:, :, :FRAME], state).shape == (2, 1, 1)
     finally:
         tiny.num_codebooks = 16
+
+
+def test_streaming_steps_never_sync_off_the_cpu(fixtures_dir):
+    """On a device, encode_step/decode_step skip the value checks that would block on a host copy.
+
+    The meta device stands in for an accelerator: reading a value there raises, as a sync would cost.
+    """
+    mimi = load_tiny(fixtures_dir).to("meta")
+    state = mimi.init_state(2)
+    frame = torch.full((2, 1, FRAME), float("nan"), device="meta")
+    assert mimi.encode_step(frame, state).shape == (2, 8, 1)
+    assert mimi.decode_step(torch.zeros(2, 8, 1, dtype=torch.long, device="meta"), state).shape == (2, 1, FRAME)
+
+
+def test_streaming_validation_switch(tiny):
+    state = tiny.init_state(1)
+    nan_frame = torch.full((1, 1, FRAME), float("nan"))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        tiny.encode_step(nan_frame, state)  # CPU input: checked by default
+    tiny.encode_step(nan_frame, state, validate=False)  # the fast path trusts its caller
+    with pytest.raises(ValueError, match=r"0\.\.63"):
+        tiny.decode_step(torch.full((1, 16, 1), 64), state)
+    tiny.decode_step(torch.full((1, 16, 1), 3), state, validate=False)

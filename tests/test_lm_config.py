@@ -81,6 +81,44 @@ def test_unsupported_options_are_refused(fixtures_dir, key, value):
     LMConfig.from_kyutai(raw)  # switched off: fine
 
 
+NEUTRAL_SPELLINGS = {  # Kyutai configs may spell out an unsupported option with its "off" value
+    "kv_repeat": 1, "cross_attention": False, "depformer_cross_attention": False, "conditioners": None,
+    "fuser": {"cross_attention_pos_emb": False, "cross_attention_pos_emb_scale": 1, "sum": [], "prepend": [],
+              "cross": []},
+    "demux_second_stream": False, "extra_heads_num_heads": 0, "extra_heads_dim": 6, "norm_emb": False,
+    "bias_proj": False, "bias_ff": False, "bias_attn": False, "text_card_out": 32000, "lora": False,
+}
+REAL_SETTINGS = [("kv_repeat", 2), ("conditioners", {"control": {"type": "lut"}}), ("lora", True),
+                 ("fuser", {"sum": ["control"], "prepend": [], "cross": []}), ("text_card_out", 4000),
+                 ("extra_heads_num_heads", 4), ("depformer_cross_attention", True), ("norm_emb", True)]
+
+
+def test_neutral_spellings_of_unsupported_options_are_accepted(fixtures_dir):
+    raw = json.loads((fixtures_dir / "moshi_7b_config.json").read_text())
+    raw.update(NEUTRAL_SPELLINGS)
+    assert LMConfig.from_kyutai(raw) == LMConfig.moshi_7b()
+    raw.update({"kv_repeat": None, "conditioners": {}, "fuser": None, "text_card_out": None})
+    assert LMConfig.from_kyutai(raw) == LMConfig.moshi_7b()
+
+
+@pytest.mark.parametrize("key, value", REAL_SETTINGS)
+def test_real_settings_of_unsupported_options_are_refused(fixtures_dir, key, value):
+    raw = json.loads((fixtures_dir / "moshi_7b_config.json").read_text())
+    raw.update(NEUTRAL_SPELLINGS)
+    raw[key] = value
+    with pytest.raises(ValueError, match=f"unsupported LM option.*{key}="):
+        LMConfig.from_kyutai(raw)
+
+
+def test_text_card_out_follows_the_padding_rule(fixtures_dir):
+    raw = json.loads((fixtures_dir / "moshi_7b_config.json").read_text())
+    raw.update(existing_text_padding_id=None, text_card_out=32001)  # own padding id: one more output
+    assert LMConfig.from_kyutai(raw).text_out_card == 32001
+    raw["text_card_out"] = 32000
+    with pytest.raises(ValueError, match="text_card_out"):
+        LMConfig.from_kyutai(raw)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"delays": [0, 1]}, "delays"), ({"norm": "batch_norm"}, "norm"), ({"gating": "relu"}, "gating"),
     ({"positional_embedding": "alibi"}, "positional_embedding"), ({"dep_q": 17}, "dep_q"),

@@ -98,3 +98,24 @@ def test_future_input_never_changes_past_output(fixture_model):
     b, _ = run(gen, gen.init_state(1), changed)
     assert torch.equal(a[:, :, :10], b[:, :, :10])
     assert not torch.equal(a[:, :, 10:], b[:, :, 10:])
+
+
+def test_generation_builds_depth_inputs_with_the_model_method(fixture_model, monkeypatch):
+    """One definition of the depth transformer's input, shared by forward() and generation."""
+    calls, projections = [], []
+    original_input, original_projection = fixture_model.depformer_input, fixture_model.depformer_projection
+
+    def counted_input(codebook, hidden, previous, **kwargs):
+        calls.append(codebook)
+        return original_input(codebook, hidden, previous, **kwargs)
+
+    def counted_projection(codebook, hidden):
+        projections.append(codebook)
+        return original_projection(codebook, hidden)
+
+    monkeypatch.setattr(fixture_model, "depformer_input", counted_input)
+    monkeypatch.setattr(fixture_model, "depformer_projection", counted_projection)
+    gen = LMGen(fixture_model, use_sampling=False)
+    gen.step(torch.zeros(1, gen.num_user_codebooks, 1, dtype=torch.long), gen.init_state(1))
+    assert calls == list(range(gen.dep_q))
+    assert len(projections) == fixture_model.config.num_depformer_inputs  # each projection once per step

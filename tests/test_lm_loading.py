@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from duplex.model.config import LMConfig
 from duplex.model.lm import LMModel
+from duplex.model.checkpoint import CheckpointMismatchError
 from duplex.model.loading import CheckpointMismatch
 
 
@@ -66,3 +67,23 @@ def test_bad_files(tmp_path, tiny):
         LMModel.from_pretrained(junk, config)
     save_file(weights, str(tmp_path / "ok.safetensors"))
     assert LMModel.from_pretrained(tmp_path / "ok.safetensors", config).config is config
+
+
+def test_mismatch_is_found_before_any_tensor_is_read(fixtures_dir, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def must_not_read(*args, **kwargs):
+        raise AssertionError("tensors were read before the keys and shapes were checked")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", must_not_read)
+    wrong_config = LMConfig.from_kyutai(fixtures_dir / "lm_tiny" / "config.json")
+    weights = fixtures_dir / "lm_options_tiny" / "model.safetensors"
+    with pytest.raises(CheckpointMismatchError, match=r"lm_options_tiny/model.safetensors does not match"):
+        LMModel.from_pretrained(weights, wrong_config)
+
+
+def test_old_error_name_is_the_shared_type():
+    from duplex.codec import CheckpointMismatchError as CodecError
+
+    assert CheckpointMismatch is CheckpointMismatchError is CodecError
+    assert issubclass(CheckpointMismatchError, ValueError)

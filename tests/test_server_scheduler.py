@@ -118,3 +118,50 @@ def test_a_stalled_client_gets_silence_and_delays_the_others_at_most_once():
     delays = [step_times[value] - push_times[i] for i, value in enumerate(values_a)]
     assert max(delays) < 0.08 + 0.06 + 0.15
     assert sum(d > 0.045 for d in delays) <= 3
+
+
+def test_a_lateness_burst_is_caught_up_by_dropping_the_owed_frames():
+    """B holds 3 frames back (240 ms late), then sends them at once: the silence stepped in their place
+    is paid back by dropping them, so B's later frames are stepped as promptly as before the burst."""
+    engine = FakeEngine(2)
+    metrics = ServerMetrics()
+    scheduler = Scheduler(engine, metrics, grace_s=0.02)
+    scheduler.start()
+    values_a = [float(i + 1) for i in range(30)]
+    values_b = [float(100 + i) for i in range(30)]
+    held = range(10, 13)
+
+    async def stream_b(handle) -> dict[float, float]:
+        await asyncio.sleep(0.04)
+        start = time.monotonic()
+        pushed = {}
+        for i, value in enumerate(values_b):
+            due = start + 0.08 * (held.stop if i in held else i)  # the held frames go out with frame 13
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            pushed[value] = time.monotonic()
+            await scheduler.push(handle, frame(value))
+        return pushed
+
+    async def main():
+        a, b = scheduler.join(Sink(), SlotSampling()), scheduler.join(Sink(), SlotSampling())
+        _, pushed = await asyncio.gather(stream(scheduler, a, values_a, 0.0, False), stream_b(b))
+        deadline = time.monotonic() + 5
+        while (a.inbox or b.inbox) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        scheduler.leave(a)
+        scheduler.leave(b)
+        return pushed, b
+
+    try:
+        pushed, handle_b = asyncio.run(main())
+    finally:
+        scheduler.stop()
+    stepped_b = {v[1]: t for t, v in engine.steps if v[1] != 0}
+    late = handle_b.frames_late
+    assert late >= 2  # B really missed ticks during the burst
+    assert handle_b.frames_dropped == late == metrics.frames_dropped.labels("in")._value.get()
+    dropped = [v for v in values_b if v not in stepped_b]
+    assert dropped == [100.0 + i for i in range(10, 10 + late)]  # the oldest late frames, nothing else
+    # Without catching up, every frame after the burst would wait >= 2 extra ticks (>= 160 ms).
+    tail = [stepped_b[v] - pushed[v] for v in values_b[18:]]
+    assert sorted(tail)[len(tail) // 2] < 0.12, tail

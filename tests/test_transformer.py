@@ -22,8 +22,9 @@ def make(**overrides) -> StreamingTransformer:
     return model
 
 
-def stream(model: StreamingTransformer, x: torch.Tensor, chunks: list[int]) -> torch.Tensor:
-    state = model.init_state(x.shape[0], chunk_size=max(chunks), max_steps=x.shape[1])
+def stream(model: StreamingTransformer, x: torch.Tensor, chunks: list[int], max_steps: int | None = None):
+    """Feed x [B, T, D] in chunks of the given sizes (cycled) through one state."""
+    state = model.init_state(x.shape[0], chunk_size=max(chunks), max_steps=max_steps or x.shape[1])
     outputs, start = [], 0
     for size in itertools.cycle(chunks):
         if start >= x.shape[1]:
@@ -151,12 +152,6 @@ def test_unlimited_context_streams_as_a_window_of_max_steps(chunks):
     windowed = make(context=5)
     windowed.load_state_dict(unlimited.state_dict())
     x = torch.randn(2, 17, 32)
-    state = unlimited.init_state(2, chunk_size=max(chunks), max_steps=5)
-    outputs, start = [], 0
-    for size in itertools.cycle(chunks):
-        if start >= x.shape[1]:
-            break
-        outputs.append(unlimited(x[:, start:start + size], state))
-        start += size
-    torch.testing.assert_close(torch.cat(outputs, 1), windowed(x), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.cat(outputs, 1)[:, :5], unlimited(x[:, :5]), atol=1e-5, rtol=1e-5)
+    streamed = stream(unlimited, x, chunks, max_steps=5)
+    torch.testing.assert_close(streamed, windowed(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(streamed[:, :5], unlimited(x[:, :5]), atol=1e-5, rtol=1e-5)
