@@ -29,9 +29,12 @@ class TextTokenizer:
         return self._model.GetPieceSize()
 
     def piece(self, token: int) -> str | None:
-        """The text of one token (``▁`` becomes a space), or None for padding / out-of-range ids."""
+        """The text of one token (``▁`` becomes a space), or None when it has none to show:
+        padding, control pieces such as ``<s>``/``</s>``, unknown or out-of-range ids."""
         token = int(token)
         if token in self.padding_ids or not 0 <= token < self.vocab_size:
+            return None
+        if self._model.IsControl(token) or self._model.IsUnknown(token):
             return None
         return self._model.IdToPiece(token).replace(WORD_BOUNDARY, " ")
 

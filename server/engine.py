@@ -44,7 +44,9 @@ class SlotSampling:
     temp_text: float | None = None
     top_k: int | None = None
     top_k_text: int | None = None
-    seed: int | None = None
+    seed: int | None = None  # both streams' seed (text_seed / audio_seed win over it)
+    text_seed: int | None = None  # keys the text token's noise
+    audio_seed: int | None = None  # keys the audio tokens' noise
 
 
 @dataclass
@@ -146,7 +148,8 @@ class DuplexEngine:
             s = self._sampling.get(slot, SlotSampling())
             self.lm_state.set_slot_sampling(
                 slot, use_sampling=s.use_sampling, temp=s.temp, temp_text=s.temp_text,
-                top_k=s.top_k, top_k_text=s.top_k_text, seed=s.seed,
+                top_k=s.top_k, top_k_text=s.top_k_text, seed=s.seed, text_seed=s.text_seed,
+                audio_seed=s.audio_seed,
             )
 
     # ------------------------------------------------------------------ the step

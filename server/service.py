@@ -107,6 +107,7 @@ class DuplexService:
             "frame_rate": FRAME_RATE,
             "max_session_seconds": self.settings.max_session_seconds or None,
             "sampling": resolved,
+            "sampling_rule": SAMPLING_RULE,
             "params": params.given(),
             "unsupported_params": sorted(params.unsupported),
             "ignored_params": list(params.ignored),
@@ -135,38 +136,48 @@ class DuplexService:
         }
 
 
-def _pick(value, default):
-    return default if value is None else value
+SAMPLING_RULE = (
+    "per stream (text, audio): its temperature, when given, decides (0 = greedy, > 0 = sampling); else its "
+    "top-k, when given, turns sampling on; else the server default applies. A parameter given for one stream "
+    "never changes the other stream's mode. Greedy streams are reported with temperature 0. text_seed and "
+    "audio_seed key the two streams' noise independently (the server picks any seed not given)."
+)
 
 
-def _combine_seeds(text_seed: int | None, audio_seed: int | None) -> int:
-    """One RNG stream per slot: the given seed, both mixed, or a fresh random one (reported back)."""
-    if text_seed is None and audio_seed is None:
-        return secrets.randbits(62)
-    if audio_seed is None:
-        return text_seed
-    if text_seed is None:
-        return audio_seed
-    return (text_seed * 1_000_003 + audio_seed) % (1 << 62)
+def _stream_mode(temperature: float | None, topk: int | None, default_on: bool,
+                 default_temp: float) -> tuple[bool, float]:
+    """(samples?, temperature) of one stream: see SAMPLING_RULE."""
+    if temperature is not None:
+        return temperature > 0, float(temperature)
+    if topk is not None:
+        return True, float(default_temp)
+    return default_on, float(default_temp)
 
 
 def resolve_sampling(params: SessionParams, defaults: dict[str, Any]) -> tuple[SlotSampling, dict[str, Any]]:
-    """Resolve query parameters against sampling defaults: every field set explicitly.
+    """Resolve query parameters against sampling defaults, per stream (SAMPLING_RULE); every field explicit.
 
-    Shared by server sessions and `duplex infer`, so both sample a conversation the same way.
+    Shared by server sessions and `duplex infer`, so both sample a conversation the same way. A greedy
+    stream gets temperature 0 (the LM takes the argmax of a stream whose temperature is 0).
     """
-    temps = [t for t in (params.text_temperature, params.audio_temperature) if t is not None]
-    topks = [k for k in (params.text_topk, params.audio_topk) if k is not None]
-    use_sampling = bool(defaults.get("use_sampling", True))
-    if temps or topks:
-        # Asking for a temperature or top-k asks for sampling; temperatures of 0 ask for greedy.
-        use_sampling = any(t > 0 for t in temps) if temps else True
+    default_on = bool(defaults.get("use_sampling", True))
+    text_on, temp_text = _stream_mode(params.text_temperature, params.text_topk, default_on,
+                                      defaults.get("temp_text", 0.7))
+    audio_on, temp = _stream_mode(params.audio_temperature, params.audio_topk, default_on,
+                                  defaults.get("temp", 0.8))
     sampling = SlotSampling(
-        use_sampling=use_sampling,
-        temp=_pick(params.audio_temperature, defaults.get("temp", 0.8)),
-        temp_text=_pick(params.text_temperature, defaults.get("temp_text", 0.7)),
+        use_sampling=text_on or audio_on,
+        temp=temp if audio_on else 0.0,
+        temp_text=temp_text if text_on else 0.0,
         top_k=_pick(params.audio_topk, defaults.get("top_k", 250)),
         top_k_text=_pick(params.text_topk, defaults.get("top_k_text", 25)),
-        seed=_combine_seeds(params.text_seed, params.audio_seed),
+        text_seed=_pick(params.text_seed, secrets.randbits(62)),
+        audio_seed=_pick(params.audio_seed, secrets.randbits(62)),
     )
-    return sampling, dict(asdict(sampling))
+    resolved = {name: value for name, value in asdict(sampling).items() if name != "seed"}
+    resolved.update(text_sampling=text_on, audio_sampling=audio_on)
+    return sampling, resolved
+
+
+def _pick(value, default):
+    return default if value is None else value

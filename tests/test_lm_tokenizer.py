@@ -12,6 +12,7 @@ def test_pieces_and_padding(tiny_tokenizer_path):
     assert tokenizer.vocab_size == 100
     assert tokenizer.piece(0) is None and tokenizer.piece(3) is None
     assert tokenizer.piece(100) is None and tokenizer.piece(-1) is None
+    assert tokenizer.piece(1) is None and tokenizer.piece(2) is None  # <s>, </s>: control pieces, no text
     ids = tokenizer.encode("w10k w11l")
     assert len(ids) == 2
     assert "".join(tokenizer.piece(i) for i in ids) == " w10k w11l"
