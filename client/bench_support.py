@@ -115,43 +115,59 @@ async def fetch_metrics(http_base: str) -> dict[str, float]:
 
 
 class ServerThread:
-    """``duplex serve``'s app on a free loopback port, served by uvicorn in a background thread."""
+    """``duplex serve``'s app on loopback, served by uvicorn in a background thread.
 
-    def __init__(self, models, settings) -> None:
+    The listening socket is bound here (port 0 = a free port chosen by the OS) and handed to
+    uvicorn, so no other process can take the port between choosing and binding it.
+    Use as a context manager, or ``start()`` / ``stop()``. ``app`` overrides the app built from
+    ``models`` and ``settings`` (``engine`` replaces the batched engine, for tests).
+    """
+
+    def __init__(self, models=None, settings=None, engine=None, app=None) -> None:
         import uvicorn
 
         from duplex.server.app import GracefulServer, create_app
 
-        self.app = create_app(models, settings)
+        self.app = app if app is not None else create_app(models, settings, engine=engine)
         self.service = self.app.state.service
-        self.port = _free_port()
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                ws="websockets-sansio", lifespan="on")
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
+        config = uvicorn.Config(self.app, log_level="warning", ws="websockets-sansio", lifespan="on")
         self.server = GracefulServer(config, self.app)
-        self.thread = threading.Thread(target=self.server.run, name="bench-server", daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
+                                       name="duplex-server", daemon=True)
 
     @property
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/api/chat"
 
-    def __enter__(self) -> "ServerThread":
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> "ServerThread":
+        """Start serving; returns once uvicorn accepts connections (OSError if it does not start)."""
         self.thread.start()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout
         while not self.server.started:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise OSError("the in-process server did not start")
             time.sleep(0.02)
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def stop(self) -> None:
+        """Graceful shutdown (clients told, sessions drained), then close the socket."""
         self.server.should_exit = True
         self.thread.join(30)
+        self.socket.close()
 
+    def __enter__(self) -> "ServerThread":
+        return self.start()
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
 
 
 def fixtures_dir(given: Path | None) -> Path:

@@ -30,10 +30,12 @@ SAMPLING_PARAMS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``duplex talk``."""
     parser.add_argument("--url", default=DEFAULT_URL,
-                        help=f"websocket URL of the server's chat endpoint (default {DEFAULT_URL}; wss:// for --ssl servers)")
+                        help=f"websocket URL of the server's chat endpoint (default {DEFAULT_URL}; "
+                        "wss:// for --ssl servers)")
     files = parser.add_argument_group("files instead of microphone and speaker")
     files.add_argument("--input", type=Path, help="audio file to send (any sample rate, mono or stereo)")
-    files.add_argument("--output", type=Path, help="write the model's audio to this WAV (24 kHz mono)")
+    files.add_argument("--output", type=Path, help="write the model's audio to this WAV (24 kHz mono; one "
+                       "80 ms frame shorter than the input: the model's acoustic delay)")
     files.add_argument("--transcript", type=Path, help="write the model's text to this file")
     files.add_argument("--fast", action="store_true",
                        help="send the file as fast as the server takes it instead of in real time")
@@ -41,15 +43,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="after the input ends, wait until the server was quiet this long (default 1.0)")
     files.add_argument("--quiet", action="store_true", help="do not print the model's text while it arrives")
     devices = parser.add_argument_group("audio devices (microphone mode)")
-    devices.add_argument("--input-device", help="microphone: sounddevice device name or index (default: system default)")
+    devices.add_argument("--input-device",
+                         help="microphone: sounddevice device name or index (default: system default)")
     devices.add_argument("--output-device", help="speaker: sounddevice device name or index (default: system default)")
     sampling = parser.add_argument_group("sampling (sent as query parameters; default: the server's)")
-    sampling.add_argument("--text-temperature", type=float, help="temperature of the text token (0 = greedy)")
+    sampling.add_argument("--text-temperature", type=float,
+                          help="temperature of the text token (0 = greedy text; the audio keeps its mode)")
     sampling.add_argument("--text-topk", type=int, help="sample the text token among the k most likely")
-    sampling.add_argument("--audio-temperature", type=float, help="temperature of the audio tokens (0 = greedy)")
+    sampling.add_argument("--audio-temperature", type=float,
+                          help="temperature of the audio tokens (0 = greedy audio; the text keeps its mode)")
     sampling.add_argument("--audio-topk", type=int, help="sample each audio token among the k most likely")
-    sampling.add_argument("--text-seed", type=int, help="seed of the text sampler")
-    sampling.add_argument("--audio-seed", type=int, help="seed of the audio sampler")
+    sampling.add_argument("--text-seed", type=int, help="seed of the text sampler (independent of the audio's)")
+    sampling.add_argument("--audio-seed", type=int, help="seed of the audio sampler (independent of the text's)")
     parser.add_argument("--insecure", action="store_true",
                         help="wss:// only: accept a self-signed server certificate (e.g. from `duplex serve --ssl`)")
     parser.add_argument("--connect-timeout", type=float, default=None,

@@ -47,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``duplex infer``."""
     parser.add_argument(
         "paths", nargs="+", metavar="FILE",
-        help="input audio (any rate, mono or stereo) followed by the output WAV: `in.wav out.wav`; "
-        "with --output-dir every FILE is an input",
+        help="input audio (any rate, mono or stereo) followed by the output WAV: `in.wav out.wav` (the output "
+        "is one 80 ms frame shorter: the model's acoustic delay); with --output-dir every FILE is an input",
     )
     parser.add_argument(
         "--output-dir", type=Path,
@@ -63,13 +63,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """Sampling overrides applied to every slot, resolved exactly as a server session's query parameters."""
     group = parser.add_argument_group("sampling (default: the model repository's lm_gen_config)")
-    group.add_argument("--text-temperature", type=float, help="temperature of the text token (0 = greedy)")
+    group.add_argument("--text-temperature", type=float, help="temperature of the text token (0 = greedy text; "
+                       "the audio keeps its own mode)")
     group.add_argument("--text-topk", type=int, help="sample the text token among the k most likely")
-    group.add_argument("--audio-temperature", type=float, help="temperature of the audio tokens (0 = greedy)")
+    group.add_argument("--audio-temperature", type=float, help="temperature of the audio tokens (0 = greedy audio; "
+                       "the text keeps its own mode)")
     group.add_argument("--audio-topk", type=int, help="sample each audio token among the k most likely")
     group.add_argument("--greedy", action="store_true",
                        help="always take the most likely token (same as both temperatures 0)")
-    group.add_argument("--seed", type=int, help="random seed of the sampler (same seed, same output; default random)")
+    group.add_argument("--seed", type=int, help="random seed of both samplers, text and audio (same seed, same "
+                       "output; default random); a server session gets the same with text_seed = audio_seed = SEED")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -125,7 +128,7 @@ def sampling_from_args(args: argparse.Namespace, defaults: dict):
     params = SessionParams(
         text_temperature=0.0 if args.greedy else args.text_temperature,
         audio_temperature=0.0 if args.greedy else args.audio_temperature,
-        text_topk=args.text_topk, audio_topk=args.audio_topk, text_seed=args.seed,
+        text_topk=args.text_topk, audio_topk=args.audio_topk, text_seed=args.seed, audio_seed=args.seed,
     )
     # The server's own resolution (defaults, "a temperature asks for sampling", seeds).
     sampling, _ = resolve_sampling(params, defaults)

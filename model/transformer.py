@@ -147,7 +147,7 @@ def rope_rotation(positions: torch.Tensor, head_dim: int, max_period: float):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs (x[2i], x[2i+1]) of x [B, H, T, Dh]."""
+    """Rotate interleaved channel pairs (x[2i], x[2i+1]) of x [..., B, H, T, Dh]."""
     pairs = x.float().unflatten(-1, (-1, 2))  # [B, H, T, Dh/2, 2]
     real, imag = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
@@ -240,9 +240,12 @@ class StreamingAttention(nn.Module):
         batch, steps, _ = x.shape
         qkv = _per_step_linear(x, self.in_projs, self.config, ctx.first_step)  # [B, T, 3D]
         qkv = qkv.view(batch, steps, 3, self.config.num_heads, self.config.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, T, Dh]
-        if ctx.rope is not None:
-            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # [3, B, H, T, Dh]
+        if ctx.rope is not None:  # rotate queries and keys in one go
+            q, k = apply_rope(qkv[:2], *ctx.rope).unbind(0)
+            v = qkv[2]
+        else:
+            q, k, v = qkv.unbind(0)  # 3 x [B, H, T, Dh]
         # Write through a [B, C, H, Dh] view: index_put_ touches only the new rows (scatter_ on
         # CPU bfloat16 copies the whole ring).
         where = (ctx.batch_rows, ctx.write_index)  # [B, 1], [B, T]

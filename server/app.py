@@ -93,8 +93,21 @@ class GracefulServer(uvicorn.Server):
         super().__init__(config)
         self.duplex_service: DuplexService = app.state.service
 
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets=sockets)
+        for server in self.servers:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                logger.info("duplex listening on %s port %d (web UI at /, websocket /api/chat)", host, port)
+
     async def shutdown(self, sockets=None) -> None:
         for server in self.servers:
             server.close()  # stop accepting before telling the clients
         await self.duplex_service.shutdown()
         await super().shutdown(sockets=sockets)
+        # uvicorn re-raises a captured SIGINT/SIGTERM once serving ends (exit by signal, or a
+        # KeyboardInterrupt traceback); the shutdown was graceful, so `duplex serve` exits 0 instead.
+        captured = getattr(self, "_captured_signals", None)
+        if captured:
+            logger.info("stopped by signal %s after a graceful shutdown", ", ".join(str(s) for s in captured))
+            captured.clear()

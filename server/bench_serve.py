@@ -19,7 +19,6 @@ import multiprocessing
 import os
 import statistics
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +173,7 @@ def run_one(models, sessions: int, audio: np.ndarray, args: argparse.Namespace) 
     """One server with ``sessions`` slots and as many real-time clients."""
     import torch
 
+    from duplex.client.bench_support import ServerThread
     from duplex.server.app import create_app
     from duplex.server.service import ServerSettings
 
@@ -194,12 +194,8 @@ def run_one(models, sessions: int, audio: np.ndarray, args: argparse.Namespace) 
         ticks.append((t.encode, t.lm, t.decode))
 
     service.scheduler.tick_observer = observe
-    server, thread, port = _serve_in_thread(app)
-    try:
-        outcome = _run_clients(f"ws://127.0.0.1:{port}/api/chat", sessions, audio)
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with ServerThread(app=app) as server:
+        outcome = _run_clients(server.url, sessions, audio)
     metrics = service.metrics
     expected = audio.size // FRAME - 1
     result = RunResult(
@@ -236,28 +232,6 @@ def engine_step_ms(engine, steps: int, models=None) -> float:
         engine.step(pcm)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
-
-
-def _serve_in_thread(app):
-    import socket
-
-    import uvicorn
-
-    from duplex.server.app import GracefulServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio")
-    server = GracefulServer(config, app)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("benchmark server did not start")
-        time.sleep(0.02)
-    return server, thread, port
 
 
 def _run_clients(url: str, sessions: int, audio: np.ndarray) -> list[tuple[int, str]]:

@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="localhost", help="interface to listen on (default: localhost; "
                      "0.0.0.0 for every interface)")
-    net.add_argument("--port", type=int, default=8998, help="TCP port (default: 8998)")
+    net.add_argument("--port", type=int, default=8998, help="TCP port (default: 8998; 0 = any free port, "
+                     "logged at start)")
     net.add_argument("--ssl", metavar="DIR", help="serve https/wss with DIR/cert.pem and DIR/key.pem")
     serving = parser.add_argument_group("sessions")
     serving.add_argument("--max-sessions", type=int, default=defaults.max_sessions,
@@ -55,8 +56,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         raise ValueError(f"--max-session-seconds must be >= 0, got {args.max_session_seconds}")
     if args.grace_ms < 0:
         raise ValueError(f"--grace-ms must be >= 0, got {args.grace_ms}")
-    if not 1 <= args.port <= 65535:
-        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535 (0 = any free port), got {args.port}")
     return ServerSettings(max_sessions=args.max_sessions, max_queue=args.max_queue,
                           max_session_seconds=args.max_session_seconds, grace_ms=args.grace_ms,
                           torch_threads=args.threads)
@@ -94,7 +95,8 @@ def main(args: argparse.Namespace) -> int:
     app = create_app(models, settings, web_dir=args.web_dir)
     config = uvicorn.Config(app, host=args.host, port=args.port, ssl_certfile=certfile, ssl_keyfile=keyfile,
                             log_level=args.log_level, ws="websockets-sansio", lifespan="on")
-    scheme = "https" if certfile else "http"
-    logger.info("web UI at %s://%s:%d/  (websocket /api/chat)", scheme, args.host, args.port)
+    if args.port:
+        scheme = "https" if certfile else "http"
+        logger.info("web UI at %s://%s:%d/  (websocket /api/chat)", scheme, args.host, args.port)
     GracefulServer(config, app).run()
     return 0

@@ -32,6 +32,21 @@ ticks of real-time peers run faster. Known limit: a client whose audio clock run
 peer's slowly builds a backlog (0.01 % drift = 0.36 s per hour); ``--max-session-seconds`` bounds it.
 A session's first frame is handled by the engine's first frame rule; a joined session is not
 waited for until its first frame has been stepped.
+
+Ending: :meth:`Scheduler.leave` frees the slot at once and discards the session's unstepped frames
+(its inbox, at most ``inbox_frames``). This holds for graceful shutdown too: the output already
+produced is flushed to the client, but user audio received and not yet stepped gets no answer,
+since the conversation is over when the client is told "server shutting down".
+
+Cost: every tick runs the engine on all ``batch_size`` (``--max-sessions``) slots, in use or
+not (free slots step silence), so a tick costs the same with 1 or N active sessions: size
+``--max-sessions`` to the load, not above it.
+
+Failures: if a step raises, the error is logged with its traceback, every active session ends
+with a kind-5 "server error: ..." and the engine resets all slots; the worker keeps serving new
+sessions. If the reset fails too (or steps fail ``MAX_CONSECUTIVE_FAILURES`` times in a row),
+the worker stops for good: ``error`` is set, ``on_fatal`` stops admission (new clients get the
+kind-5 error at once) and /healthz reports unavailable.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from duplex.server import protocol
 from duplex.server.admission import Busy, Closed
+from duplex.server.frames import FrameAssembler
 from duplex.server.metrics import SessionRecord
 from duplex.server.protocol import MessageKind, ProtocolError
 from duplex.server.scheduler import SchedulerFailed
@@ -54,31 +55,6 @@ CLOSE_TIMEOUT_SECONDS = 1.0  # how long sending the close frame may take
 # Outbox bound: a model frame queues up to 3 messages (audio page, text piece, token ids), so a client
 # is "too slow" once it leaves ``outbox_frames`` audio pages or 3x that many messages of any kind unsent.
 MESSAGES_PER_FRAME = 3
-
-
-class FrameAssembler:
-    """Cuts a stream of PCM chunks of any length into fixed-size frames."""
-
-    def __init__(self, frame_size: int) -> None:
-        self.frame_size = frame_size
-        self._chunks: list[np.ndarray] = []
-        self._length = 0
-
-    def add(self, pcm: np.ndarray) -> list[np.ndarray]:
-        """Append ``pcm`` ([N] float32); return every complete [frame_size] frame."""
-        if pcm.size == 0:
-            return []
-        self._chunks.append(np.asarray(pcm, dtype=np.float32).reshape(-1))
-        self._length += pcm.size
-        if self._length < self.frame_size:
-            return []
-        joined = np.concatenate(self._chunks)
-        count = self._length // self.frame_size
-        frames = [joined[i * self.frame_size:(i + 1) * self.frame_size] for i in range(count)]
-        rest = joined[count * self.frame_size:]
-        self._chunks = [rest] if rest.size else []
-        self._length = rest.size
-        return frames
 
 
 class Session:

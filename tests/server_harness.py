@@ -5,15 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import uvicorn
 
 from duplex.client.client import AudioEvent, DuplexClient, ErrorEvent, MetadataEvent, TextEvent
-from duplex.server.app import GracefulServer, create_app
+from duplex.client.bench_support import ServerThread
 from duplex.server.service import ServerSettings
 
 FRAME = 1920
@@ -86,43 +84,15 @@ def reference_server_run(models, audio: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def free_port() -> int:
+    """A loopback port that nothing listens on (for "connection refused" tests)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-class LiveServer:
-    """uvicorn serving ``create_app(models, settings)`` in a background thread."""
-
-    def __init__(self, models, settings: ServerSettings, engine=None) -> None:
-        self.app = create_app(models, settings, engine=engine)
-        self.service = self.app.state.service
-        self.port = free_port()
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                ws="websockets-sansio", lifespan="on")
-        self.server = GracefulServer(config, self.app)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/api/chat"
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "LiveServer":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("server did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+def LiveServer(models, settings: ServerSettings, engine=None) -> ServerThread:  # noqa: N802 - reads as a class
+    """``create_app(models, settings)`` served on a socket bound up front (no port race); call ``start()``."""
+    return ServerThread(models, settings, engine=engine)
 
 
 @contextlib.contextmanager
@@ -154,13 +124,16 @@ class Transcript:
 
 
 async def converse(url: str, pcm: np.ndarray, params=None, realtime: bool = False,
-                   timeout: float = 60.0) -> Transcript:
+                   timeout: float = 60.0, ready: asyncio.Barrier | None = None) -> Transcript:
     """Stream ``pcm`` (then close) and collect every output frame of a token-exposing server.
 
     With N input frames the tiny LM's acoustic delay of one step (the first frame's step, whose
     codes have no effect) leaves N - 1 output frames; the client closes once it has them all.
+    With ``ready``, every client of the barrier is connected before any of them sends.
     """
     client = await DuplexClient.connect(url, params=params, timeout=timeout)
+    if ready is not None:  # start sending together with the other clients of the barrier
+        await asyncio.wait_for(ready.wait(), timeout)
     expected = pcm.size // FRAME - 1
     result = Transcript()
 

@@ -89,6 +89,10 @@ def test_slot_output_is_independent_of_neighbours_and_rejoins(models):
     np.testing.assert_allclose(busy[0][1], solo[1], atol=1e-5)
     again = run_slots(engine, {0: (0, audio), 1: (4, noise)}, steps=12)  # slot 0 reused
     np.testing.assert_array_equal(again[0][0], solo[0])
+    engine.reset_all()  # what the scheduler does after a failed step: every slot starts afresh
+    after_reset = run_slots(engine, {0: (0, audio), 2: (1, noise)}, steps=12)
+    np.testing.assert_array_equal(after_reset[0][0], solo[0])
+    np.testing.assert_allclose(after_reset[0][1], solo[1], atol=1e-5)
     assert solo[0].shape == (9, 11)  # 12 frames: the LM delay of one step (the first frame's) leaves 11
 
 

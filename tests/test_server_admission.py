@@ -52,26 +52,35 @@ def test_admission_fifo_positions_busy_and_close():
     asyncio.run(main())
 
 
+async def poll(condition, timeout: float = 20.0) -> None:
+    """Wait until ``condition()`` is true (AssertionError after ``timeout`` seconds)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
 def test_third_client_waits_sees_its_position_and_starts_when_a_slot_frees(models):
     with live_server(models, max_sessions=2, max_queue=2, torch_threads=1) as server:
         async def main():
             first = await DuplexClient.connect(server.url, timeout=10)
             second = await DuplexClient.connect(server.url, timeout=10)
             seen: dict[str, list] = {"third": [], "fourth": []}
+            admission = server.service.admission
             third = asyncio.ensure_future(DuplexClient.connect(
                 server.url, on_metadata=seen["third"].append, timeout=20))
-            await asyncio.sleep(0.3)
+            await poll(lambda: admission.queue_length == 1 and seen["third"])
             fourth = asyncio.ensure_future(DuplexClient.connect(
                 server.url, on_metadata=seen["fourth"].append, timeout=20))
-            await asyncio.sleep(0.3)
+            await poll(lambda: admission.queue_length == 2 and seen["fourth"])
             with pytest.raises(ServerError, match="server busy"):
                 await DuplexClient.connect(server.url, timeout=10)
             assert not third.done() and server.service.admission.queue_length == 2
             assert [m["queue_position"] for m in seen["third"]] == [1]
             assert [m["queue_position"] for m in seen["fourth"]] == [2]
             await first.close()
-            third_client = await asyncio.wait_for(third, 10)
-            await asyncio.sleep(0.2)
+            third_client = await asyncio.wait_for(third, 20)
+            await poll(lambda: len(seen["fourth"]) >= 2)
             assert [m["queue_position"] for m in seen["fourth"]] == [2, 1]
             await third_client.send_pcm(synth_audio(6, 1))
             event = await third_client.next_event(timeout=20)

@@ -43,8 +43,9 @@ def test_concurrent_sessions_equal_solo_sessions_and_greedy_is_deterministic(mod
     with live_server(models, max_sessions=4, send_tokens=True, grace_ms=3000, torch_threads=1) as server:
         solos = solo_runs(server.url, inputs)
 
-        async def together():
-            return await asyncio.gather(*(converse(server.url, pcm) for pcm in inputs))
+        async def together():  # all connected before any sends: the sessions overlap however loaded the box
+            ready = asyncio.Barrier(len(inputs))
+            return await asyncio.gather(*(converse(server.url, pcm, ready=ready) for pcm in inputs))
 
         batched = asyncio.run(together())
         again = asyncio.run(converse(server.url, inputs[0]))
@@ -68,8 +69,9 @@ def test_join_leave_churn_keeps_outputs_exact_and_frees_every_slot(models):
         solos = solo_runs(server.url, inputs)
 
         async def delayed(delay: float, pcm: np.ndarray):
+            # Real time: 7 sessions of >= 0.48 s starting within 1.5 s overlap (3 slots: some queue).
             await asyncio.sleep(delay)
-            return await converse(server.url, pcm)
+            return await converse(server.url, pcm, realtime=True)
 
         async def churn():
             return await asyncio.gather(*(delayed(d, pcm) for (d, _, _), pcm in zip(plans, inputs)))
@@ -116,4 +118,5 @@ def test_stalled_and_vanished_clients_do_not_delay_or_corrupt_others(models):
         result, elapsed = asyncio.run(main())
         assert server.service.metrics.frames_late._value.get() > 0  # the stalled slot got silence
     assert result.tokens == solo.tokens
-    assert elapsed < 20 * 0.08 + 2.0  # real time plus slack; a stalled peer costs at most one grace period
+    # Real time plus generous slack for a loaded machine: waiting for the stalled peer would hang the call.
+    assert elapsed < 20 * 0.08 + 5.0

@@ -76,7 +76,9 @@ def test_query_params_are_applied_and_reported(server):
     greedy, first, second = (asyncio.run(converse(server.url, audio, params)) for params in (None, sampled, sampled))
     meta = first.metadata[0]
     assert meta["sampling"] == {"use_sampling": True, "temp": 1.0, "temp_text": 1.0, "top_k": 64,
-                                "top_k_text": 50, "seed": 5 * 1_000_003 + 9}
+                                "top_k_text": 50, "text_seed": 5, "audio_seed": 9, "text_sampling": True,
+                                "audio_sampling": True}
+    assert "per stream" in meta["sampling_rule"]
     assert meta["unsupported_params"] == ["pad_mult"]
     assert greedy.metadata[0]["sampling"]["use_sampling"] is False  # the fixture's lm_gen_config
     assert first.tokens == second.tokens  # seeded

@@ -31,7 +31,7 @@ def test_serve_defaults_and_settings():
         (["--max-sessions", "0"], "--max-sessions must be >= 1"),
         (["--max-queue", "-1"], "--max-queue must be >= 0"),
         (["--max-session-seconds", "-5"], "--max-session-seconds must be >= 0"),
-        (["--port", "70000"], "--port must be in 1..65535"),
+        (["--port", "70000"], "--port must be in 0..65535"),
     ],
 )
 def test_bad_serve_flags(argv, message):

@@ -22,6 +22,7 @@ STREAM_FRAMES = 30  # 2.4 s of real-time audio: ~10 frames stepped, a backlog of
 # backlog spans several socket reads (asyncio reads <= 256 KiB at a time), as a long backlog or a
 # browser's own send buffer does: the close frame cannot ride along in the read of queued audio.
 PADDING_BYTES = 200_000
+HANG_UP_SECONDS = 1.5  # how soon a hang-up must free the slot; half the >= 3 s backlog a late one waits for
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,9 @@ def test_hang_up_frees_the_slot_at_once_while_the_model_lags(models):
 
         backlog, freed = asyncio.run(alone())
         assert backlog >= 12  # the model really was behind (>= 3 s of steps pending) ...
-        assert freed < 0.5  # ... yet the hang-up freed the slot within about one tick
+        # ... yet the hang-up freed the slot within a few ticks (a late hang-up would wait for the backlog,
+        # >= 12 steps of 0.25 s = 3 s; 1.5 s leaves room for a loaded machine).
+        assert freed < HANG_UP_SECONDS
         assert metrics.sessions_ended.labels("client_closed")._value.get() == 1
 
         async def with_a_queued_caller():
@@ -79,7 +82,7 @@ def test_hang_up_frees_the_slot_at_once_while_the_model_lags(models):
             await closing
             return admitted
 
-        assert asyncio.run(with_a_queued_caller()) < 0.5
+        assert asyncio.run(with_a_queued_caller()) < HANG_UP_SECONDS
         asyncio.run(wait_until(lambda: metrics.active_sessions._value.get() == 0, timeout=5))
         assert metrics.sessions_ended.labels("client_closed")._value.get() == 3
 
@@ -124,10 +127,10 @@ def test_a_fast_client_is_read_only_up_to_the_receive_buffer(models):
         ws = FloodingWebSocket(RECEIVE_BUFFER_FRAMES + 150)
         session = Session(ws, service)
         running = asyncio.ensure_future(session.run())
-        previous = -1
-        while ws.read != previous:  # until the reader stops reading
+        previous, deadline = -1, time.monotonic() + 60
+        while ws.read != previous and time.monotonic() < deadline:  # until the reader stops reading
             previous = ws.read
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(1.0)
         read = ws.read
         session.finish("shutdown")
         await asyncio.wait_for(running, 10)
@@ -162,5 +165,5 @@ def test_a_close_that_never_completes_does_not_hold_the_slot(models):
         return time.monotonic() - start, service
 
     elapsed, service = asyncio.run(main())
-    assert elapsed < 2.0
+    assert elapsed < 4.0  # bounded by the 1 s close timeout (plus load), not by the peer
     assert service.admission.active == 0 and service.metrics.sessions_ended.labels("client_closed")._value.get() == 1

@@ -51,7 +51,8 @@ def test_every_stepped_frame_is_timed_from_arrival_to_the_send_of_its_output(mod
         assert len(latencies) == frames == latency_count(metrics)
         # Each frame waits at least for its step; real-time input adds at most a frame + grace of waiting.
         assert min(latencies) >= STEP_SECONDS
-        assert statistics.median(latencies) < STEP_SECONDS + 0.08 + 0.03 + 0.1
+        # (+0.3 s of slack for a loaded machine; a backlog or mispaired stamps grow by >= 80 ms per frame)
+        assert statistics.median(latencies) < STEP_SECONDS + 0.08 + 0.03 + 0.3
         assert b"duplex_frame_latency_seconds_bucket" in metrics.render()
 
 

@@ -12,7 +12,8 @@ from starlette.websockets import WebSocketState
 
 from duplex.server import protocol
 from duplex.server.service import DuplexService, ServerSettings
-from duplex.server.session import FrameAssembler, Session
+from duplex.server.frames import FrameAssembler
+from duplex.server.session import Session
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +80,100 @@ def test_frame_assembler_cuts_any_chunking_into_frames():
     frames = [f for piece in pieces for f in assembler.add(piece.astype(np.float32))]
     np.testing.assert_array_equal(np.concatenate(frames), np.arange(16, dtype=np.float32))
     assert all(f.size == 4 for f in frames) and len(frames) == 4
+
+
+class ScriptedWebSocket(StuckWebSocket):
+    """Like StuckWebSocket; ``send_error`` makes every send raise (the client is gone)."""
+
+    def __init__(self, frames: int, send_error: Exception | None = None, reads_after: int = 2) -> None:
+        super().__init__(frames)
+        self.send_error = send_error
+        self.reads_after = reads_after
+
+    async def send_bytes(self, data: bytes) -> None:
+        if self.send_error is not None:
+            raise self.send_error
+        if len(self.sent) >= self.reads_after:
+            await asyncio.Event().wait()
+        self.sent.append(data)
+
+
+def test_admission_is_released_when_the_slot_frees_not_after_the_flush(models):
+    """The session's output cannot be flushed (the client stopped reading): the queue must not wait for it."""
+    async def main():
+        service = DuplexService(models, ServerSettings(max_sessions=1, max_session_seconds=0.3, drain_seconds=2.0,
+                                                       torch_threads=1))
+        service.start()
+        session = asyncio.ensure_future(Session(ScriptedWebSocket(frames=6), service).run())
+        try:
+            deadline = asyncio.get_running_loop().time() + 10
+            while service.scheduler.active == 0 and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+            while service.scheduler.active == 1 and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+            released = service.admission.active == 0
+            flushing = not session.done()  # still trying to flush for up to drain_seconds
+            await asyncio.wait_for(session, 10)
+        finally:
+            await service.shutdown(drain_timeout=1)
+        return released, flushing
+
+    released, flushing = asyncio.run(main())
+    assert flushing and released
+
+
+def test_a_queued_client_that_is_gone_ends_as_left_queue(models):
+    """A queue-position send that finds the client gone must not crash the handler."""
+    from uvicorn.protocols.utils import ClientDisconnected
+
+    async def main():
+        service = DuplexService(models, ServerSettings(max_sessions=1, max_queue=4, torch_threads=1))
+        assert service.admission.try_acquire()  # the only slot is taken
+        ws = ScriptedWebSocket(frames=0, send_error=ClientDisconnected())
+        await asyncio.wait_for(Session(ws, service).run(), 10)
+        return service
+
+    service = asyncio.run(main())
+    assert service.metrics.rejected.labels("left_queue")._value.get() == 1
+    assert service.admission.queue_length == 0 and service.admission.active == 1
+
+
+def test_a_client_admitted_as_shutdown_starts_is_told(models):
+    async def main():
+        service = DuplexService(models, ServerSettings(max_sessions=1, torch_threads=1))
+        service.start()
+        service.shutting_down = True  # shutdown began after admission, before the session joined
+        ws = ScriptedWebSocket(frames=4)
+        try:
+            await asyncio.wait_for(Session(ws, service).run(), 5)
+        finally:
+            service.shutting_down = False
+            await service.shutdown(drain_timeout=1)
+        return service, ws
+
+    service, ws = asyncio.run(main())
+    assert ws.sent == [protocol.encode_error("server shutting down")] and ws.closed
+    assert service.admission.active == 0 and service.metrics.active_sessions._value.get() == 0
+
+
+class SilentWriter:
+    """An Opus writer that never emits a page (audio held back): only text and token messages queue up."""
+
+    def append_pcm(self, pcm) -> bytes:
+        return b""
+
+
+def test_every_queued_message_counts_against_the_slow_client_limit(models):
+    async def main():
+        service = DuplexService(models, ServerSettings(max_sessions=1, outbox_frames=3, send_tokens=True))
+        session = Session(ScriptedWebSocket(frames=0), service)
+        session._opus_out = SilentWriter()
+        text_id = next(i for i in range(4, 100) if service.text_piece(i))
+        tokens = np.zeros(9, dtype=np.int64)
+        for _ in range(100):
+            session.deliver(np.zeros(FRAME, np.float32), text_id, tokens)
+        return session
+
+    session = asyncio.run(main())
+    assert session._end_reason == "slow_client"
+    assert session.outbox.qsize() <= 3 * 3 + 2  # checked before each frame (up to 3 messages)

@@ -123,7 +123,8 @@ def test_a_call_streams_both_ways_and_hangs_up(server, browser):
     assert int(page.get_attribute("#mic-meter", "aria-valuenow")) > 0
     transcript = page.text_content("#transcript .turn p")
     assert re.search(r"w\d+[a-z]", transcript), f"tiny-tokenizer words expected in {transcript!r}"
-    assert "greedy decoding" in page.text_content("#session-info")
+    assert "text: greedy" in page.text_content("#session-info")
+    assert "audio: greedy" in page.text_content("#session-info")
 
     save_screenshot(page)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
-import socket
+import re
 import threading
 import wave
 from collections.abc import Iterator
@@ -52,12 +52,6 @@ def write_fake_mic_wav(path: Path, seconds: float = 4.0, rate: int = 48000) -> P
         out.setframerate(rate)
         out.writeframes(pcm.tobytes())
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -185,19 +179,24 @@ def duplex_serve(args: list[str], log_path: Path, startup_timeout: float = 90.0)
     scheme = "https" if "--ssl" in args else "http"
     unverified = ssl._create_unverified_context()  # the tests' certificate is self-signed
 
-    port = free_port()
+    # --port 0: the server binds a free port itself (no race with other processes) and logs it.
     command = [sys.executable, "-c", "import sys; from duplex.cli import main; sys.exit(main())",
-               "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
-    base = f"{scheme}://127.0.0.1:{port}/"
+               "serve", *args, "--host", "127.0.0.1", "--port", "0"]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
         try:
             deadline = time.monotonic() + startup_timeout
+            base = None
             while True:
                 if process.poll() is not None:
                     pytest.fail(f"duplex serve exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+                if base is None:
+                    found = re.search(r"duplex listening on \S+ port (\d+)", log_path.read_text(errors="replace"))
+                    base = f"{scheme}://127.0.0.1:{found.group(1)}/" if found else None
                 try:
+                    if base is None:
+                        raise OSError("port not announced yet")
                     with urllib.request.urlopen(base + "healthz", timeout=2, context=unverified) as response:
                         if response.status == 200:
                             break

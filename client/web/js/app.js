@@ -112,10 +112,16 @@ function showMetadata(data) {
   const parts = [`Session ${String(data.session_id || "").slice(0, 8)}`];
   if (data.sampling) {
     const s = data.sampling;
-    parts.push(s.use_sampling ? `sampling (text T=${s.temp_text}, k=${s.top_k_text}; audio T=${s.temp}, k=${s.top_k}; seed ${s.seed})` : "greedy decoding");
+    parts.push(`text: ${describeStream(s.text_sampling, s.temp_text, s.top_k_text, s.text_seed)}`);
+    parts.push(`audio: ${describeStream(s.audio_sampling, s.temp, s.top_k, s.audio_seed)}`);
   }
   if (typeof data.max_session_seconds === "number") parts.push(`limit ${clock(data.max_session_seconds)}`);
   $("session-info").textContent = parts.join(" · ");
+}
+
+/** One stream's sampling as the session metadata reports it, e.g. "T=0.7, k=25, seed 42" or "greedy". */
+function describeStream(sampling, temperature, topK, seed) {
+  return sampling ? `T=${temperature}, k=${topK}, seed ${seed}` : "greedy";
 }
 
 function onStats(snapshot) {
