@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 # The strict key/shape check and its error type are shared with the LM loader.
-from ..model.checkpoint import CheckpointMismatchError  # noqa: F401  (re-exported by duplex.codec)  # noqa: F401 - re-exported
+from ..model.checkpoint import CheckpointMismatchError  # noqa: F401  (re-exported by duplex.codec)
 from ..model.checkpoint import MAX_LISTED_KEYS, check_checkpoint_keys, safetensors_shapes, tensor_shapes
 from .config import MimiConfig
 from .mimi import Mimi
