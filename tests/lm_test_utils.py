@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -17,15 +16,6 @@ TINY = LMConfig(
     hidden_scale=2, context=5, gating="silu", norm="rms_norm_f32", positional_embedding="rope",
     depformer_dim=16, depformer_num_heads=2, depformer_num_layers=1, depformer_multi_linear=True,
     depformer_gating="silu", depformer_pos_emb="none", depformer_weights_per_step=True)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models: a second torch thread costs more in hand-offs than it saves (import to use)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fixture_lm(fixtures_dir, name: str) -> tuple[LMModel, dict[str, torch.Tensor]]:

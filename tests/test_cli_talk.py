@@ -20,17 +20,6 @@ from server_harness import live_server, load_tiny_models, synth_audio
 FRAMES = 30
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny models run fastest on one thread (the CI box's 2 cores are shared)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def models(fixtures_dir, tiny_tokenizer_path):
     return load_tiny_models(fixtures_dir, tiny_tokenizer_path)

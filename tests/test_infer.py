@@ -16,17 +16,6 @@ from duplex.server.models import load_models_from_paths
 from server_harness import reference_server_run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny models run fastest on one thread (the CI box's 2 cores are shared)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def pipeline(fixtures_dir):
     return load_file(str(fixtures_dir / "pipeline_tiny/io.safetensors"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from lm_test_utils import assert_streaming_equals_forward, random_lm, random_user_codes
-from lm_test_utils import single_thread  # noqa: F401  (autouse fixture)
 
 from duplex.model.generate import LMGen
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from lm_test_utils import fixture_lm, random_user_codes, run
-from lm_test_utils import single_thread  # noqa: F401  (autouse fixture)
 
 from duplex.model.generate import LMGen
 from duplex.model.sampling import SlotSampling, gumbel_noise, mix32, sample_tokens, slot_keys

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from lm_test_utils import fixture_lm, run
-from lm_test_utils import single_thread  # noqa: F401  (autouse fixture)
 from safetensors.torch import load_file
 
 from duplex.codec.mimi import Mimi
