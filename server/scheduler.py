@@ -15,6 +15,11 @@ a client whose frame is really missing at the deadline gets 80 ms of silence (co
 ``duplex_frames_late``, like packet-loss concealment) and is marked *stalled*: later ticks do not
 wait for it until one of its frames has been stepped again. A stalled or vanished client thus
 delays the others once, by at most 80 ms + grace, and never corrupts them.
+Idle sessions: a connected client that stops sending (end of a file, a muted client that sends
+nothing) is stepped with silence like a late one, but after ``IDLE_AFTER_TICKS`` silence ticks in a
+row it is *idle*: it stays in lockstep, its output is no longer sent and its ticks no longer count
+as late (they are still owed, up to ``inbox_frames``), until one of its frames arrives again. So a silent client goes quiet after at most
+``IDLE_AFTER_TICKS`` concealment frames instead of hearing the model forever while others talk.
 Catching up: each silence frame is *owed* by the session. When its late frames arrive and more than
 one is queued, the oldest is dropped for each owed frame (``duplex_frames_dropped{direction="in"}``),
 so a burst of lateness does not leave a permanent backlog (with other sessions pacing the ticks, the
@@ -67,6 +72,7 @@ from duplex.server.metrics import ServerMetrics
 logger = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 3  # failed steps in a row (each followed by an engine reset) before giving up
+IDLE_AFTER_TICKS = 2  # silence ticks in a row after which a session's output is held back (see "Idle")
 
 
 def failure_message(exc: BaseException) -> str:
@@ -111,8 +117,14 @@ class SlotHandle:
     frames_late: int = 0
     frames_dropped: int = 0  # late user frames dropped to pay back the silence stepped in their place
     owed: int = 0  # silence frames stepped for this session and not yet paid back by a dropped frame
+    silent_ticks: int = 0  # silence ticks in a row; above IDLE_AFTER_TICKS the session is idle
     tick_arrival: float | None = None  # arrival time of the frame stepped in the current tick
     space: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def idle(self) -> bool:
+        """Stepped with silence more than IDLE_AFTER_TICKS times in a row: its output is held back."""
+        return self.silent_ticks > IDLE_AFTER_TICKS
 
 
 class Scheduler:
@@ -291,6 +303,7 @@ class Scheduler:
                 handle.tick_arrival = handle.arrivals.popleft()
                 handle.loop.call_soon_threadsafe(handle.space.set)
                 handle.stalled = False
+                handle.silent_ticks = 0
                 handle.frames_in += 1
                 if not handle.started:
                     self.engine.join(handle.slot, handle.sampling)
@@ -298,9 +311,13 @@ class Scheduler:
             elif handle.started:
                 handle.tick_arrival = None
                 handle.stalled = True
-                handle.frames_late += 1
-                handle.owed += 1
-                self.metrics.frames_late.inc()
+                handle.silent_ticks += 1
+                # Owed until paid back by a late frame; capped so that a client resuming after a long
+                # pause loses at most an inbox's worth of audio to catching up.
+                handle.owed = min(handle.owed + 1, self.inbox_frames)
+                if not handle.idle:  # concealment of a late frame: counted and sent
+                    handle.frames_late += 1
+                    self.metrics.frames_late.inc()
             else:
                 continue  # joined, first frame not yet here: its slot's output is ignored
             stepped.append(handle)
@@ -331,7 +348,7 @@ class Scheduler:
         """Hand each stepped session its output on its event loop."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for handle in stepped:
-            if handle.closed or not output.has_output[handle.slot]:
+            if handle.closed or handle.idle or not output.has_output[handle.slot]:
                 continue
             tokens = output.tokens[handle.slot].copy()  # [1 + dep_q]
             text_id = int(tokens[0])

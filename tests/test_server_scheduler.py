@@ -10,7 +10,7 @@ import numpy as np
 
 from duplex.server.engine import SlotSampling, StepOutput, StepTimings
 from duplex.server.metrics import ServerMetrics
-from duplex.server.scheduler import Scheduler
+from duplex.server.scheduler import IDLE_AFTER_TICKS, Scheduler
 
 FRAME = 1920
 
@@ -78,7 +78,8 @@ def run_scenario(plans: dict[int, tuple[list[float], float, bool]], grace_s: flo
     scheduler.start()
 
     async def main():
-        handles = {slot: scheduler.join(Sink(), SlotSampling()) for slot in plans}
+        engine.sinks = {slot: Sink() for slot in plans}
+        handles = {slot: scheduler.join(engine.sinks[slot], SlotSampling()) for slot in plans}
         pushes = await asyncio.gather(*(stream(scheduler, handles[s], *plan) for s, plan in plans.items()))
         await asyncio.sleep(0.3)
         for handle in handles.values():
@@ -113,7 +114,11 @@ def test_a_stalled_client_gets_silence_and_delays_the_others_at_most_once():
     steps = engine.steps
     b_values = [v[1] for _, v in steps]
     assert b_values[:3] == [50.0, 51.0, 52.0] or b_values[1:4] == [50.0, 51.0, 52.0]
-    assert metrics.frames_late._value.get() >= 9  # silence for B in the ticks after it stalled
+    # B is stepped with silence in the ticks after it stopped: the first IDLE_AFTER_TICKS count as late
+    # (concealment, sent to B); then B is idle: still stepped, but nothing more is sent or counted.
+    assert metrics.frames_late._value.get() == IDLE_AFTER_TICKS
+    assert engine.sinks[1].frames == [50.0, 51.0, 52.0] + [0.0] * IDLE_AFTER_TICKS
+    assert engine.sinks[0].frames == values_a
     # A's frame i is stepped soon after it is pushed: one wait of <= 80 ms + grace, then no waiting
     # (a policy that waited the grace for B at every tick would delay every later frame of A by 0.2 s).
     push_times = pushes[0]
@@ -162,7 +167,7 @@ def test_a_lateness_burst_is_caught_up_by_dropping_the_owed_frames():
     stepped_b = {v[1]: t for t, v in engine.steps if v[1] != 0}
     late = handle_b.frames_late
     assert late >= 2  # B really missed ticks during the burst
-    assert handle_b.frames_dropped + handle_b.owed == late  # every silence frame is paid back or still owed
+    assert handle_b.frames_dropped + handle_b.owed >= late  # every silence frame is paid back or still owed
     assert handle_b.frames_dropped >= 2 and handle_b.frames_dropped == metrics.frames_dropped.labels("in")._value.get()
     dropped = [v for v in values_b if v not in stepped_b]
     assert dropped == [100.0 + i for i in range(10, 10 + handle_b.frames_dropped)]  # the oldest late ones only
