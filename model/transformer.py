@@ -196,11 +196,20 @@ class TransformerState:
         mask = mask.to(self.offsets.device)
         self.offsets.masked_fill_(mask, 0)
         self.positions.masked_fill_(mask[:, None], -1)
+        # Empty entries are masked out, but a NaN left by the previous occupant would still leak
+        # through the attention product (0 * NaN): clear the reset rows.
+        rows = mask[:, None, None, None]  # [B, 1, 1, 1]
+        for keys, values in zip(self.keys, self.values):
+            keys.masked_fill_(rows, 0.0)
+            values.masked_fill_(rows, 0.0)
 
     def reset_all(self) -> None:
         """Restart every slot (and the lockstep step counter)."""
         self.offsets.zero_()
         self.positions.fill_(-1)
+        for keys, values in zip(self.keys, self.values):
+            keys.zero_()
+            values.zero_()
         self.steps_since_full_reset = 0
 
 

@@ -144,13 +144,16 @@ class DuplexEngine:
             raise ValueError(f"slot {slot} out of range [0, {self.batch_size})")
 
     def _apply_sampling(self, slots: list[int]) -> None:
+        """Give each new occupant its settings; a None field takes the engine's default (never the
+        previous occupant's value), and a None seed the slot's index."""
         for slot in slots:
             s = self._sampling.get(slot, SlotSampling())
-            self.lm_state.set_slot_sampling(
-                slot, use_sampling=s.use_sampling, temp=s.temp, temp_text=s.temp_text,
-                top_k=s.top_k, top_k_text=s.top_k_text, seed=s.seed, text_seed=s.text_seed,
-                audio_seed=s.audio_seed,
-            )
+            settings = {name: value if value is not None else default
+                        for name, default in self.lm_gen.sampling_defaults.items()
+                        for value in [getattr(s, name)]}
+            seed = s.seed if s.seed is not None else slot
+            self.lm_state.set_slot_sampling(slot, **settings, seed=seed, text_seed=s.text_seed,
+                                            audio_seed=s.audio_seed)
 
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()

@@ -40,7 +40,7 @@ from duplex.server.admission import Busy, Closed
 from duplex.server.frames import FrameAssembler
 from duplex.server.metrics import SessionRecord
 from duplex.server.protocol import MessageKind, ProtocolError
-from duplex.server.scheduler import SchedulerFailed
+from duplex.server.scheduler import SchedulerFailed, SchedulerFull
 
 if TYPE_CHECKING:
     from duplex.server.app import DuplexService
@@ -100,9 +100,9 @@ class Session:
         refusal = self._join_scheduler(params)
         if refusal is not None:
             self._release_admission()
-            reason = "shutdown" if self.service.shutting_down else "server_error"
+            message, reason = refusal
             self.service.metrics.rejected.labels(reason).inc()
-            await self._reject(refusal, reason)
+            await self._reject(message, reason)
             return
         try:
             await self._converse(params)
@@ -119,19 +119,22 @@ class Session:
             self._holds_admission = False
             self.service.admission.release()
 
-    def _join_scheduler(self, params: protocol.SessionParams) -> str | None:
-        """Bind to a batch slot, unless the server is shutting down or broken (the refusal, sent as kind 5).
+    def _join_scheduler(self, params: protocol.SessionParams) -> tuple[str, str] | None:
+        """Bind to a batch slot, or say why not: (message sent as kind 5, rejection reason).
 
         No await between the check and the join: a session admitted just as shutdown starts is told.
         """
         refusal = self.service.refusal()
         if refusal is not None:
-            return refusal
+            return refusal, "shutdown" if self.service.shutting_down else "server_error"
         sampling, self._resolved = self.service.sampling_for(params)
         try:
             self.handle = self.service.scheduler.join(self, sampling)
         except SchedulerFailed as exc:
-            return str(exc)
+            return str(exc), "shutdown" if self.service.shutting_down else "server_error"
+        except SchedulerFull as exc:  # admission and scheduler disagree: should not happen, but must not leak
+            logger.warning("session %s: admitted but no batch slot free (%s)", self.id, exc)
+            return f"server busy: {exc}; try again later", "busy"
         return None
 
     async def _reject(self, message: str, reason: str) -> None:

@@ -119,6 +119,23 @@ def test_sampling_is_per_slot_and_seeded(models):
     assert not np.array_equal(runs[0][1:, 0].T, greedy)  # sampling at temperature 1 differs from argmax
 
 
+def test_a_new_occupant_gets_the_defaults_not_its_predecessors_settings(models):
+    rng = np.random.default_rng(3)
+    audio = (rng.standard_normal(8 * FRAME_SIZE) * 0.2).astype(np.float32)
+    fresh = run_slots(DuplexEngine(models.mimi, models.lm, 1, GREEDY), {0: (0, audio)}, steps=8)[0][0]
+    engine = DuplexEngine(models.mimi, models.lm, 1, GREEDY)
+    engine.join(0, SlotSampling(use_sampling=True, temp=1.0, temp_text=1.0, seed=7))  # a sampling predecessor
+    for step in range(3):
+        engine.step(audio[None, step * FRAME_SIZE:(step + 1) * FRAME_SIZE])
+    tokens = []
+    engine.join(0)  # no settings: the engine's defaults (greedy here), not the predecessor's sampling
+    for step in range(8):
+        out = engine.step(audio[None, step * FRAME_SIZE:(step + 1) * FRAME_SIZE])
+        if out.has_output[0]:
+            tokens.append(out.tokens[0].copy())
+    np.testing.assert_array_equal(np.stack(tokens, axis=1), fresh)
+
+
 def test_timings_and_input_validation(models):
     engine = DuplexEngine(models.mimi, models.lm, 2, GREEDY)
     out = engine.step(np.zeros((2, FRAME_SIZE), dtype=np.float32))

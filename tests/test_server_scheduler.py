@@ -96,7 +96,7 @@ def run_scenario(plans: dict[int, tuple[list[float], float, bool]], grace_s: flo
 def test_real_time_clients_out_of_phase_are_never_late():
     values_a = [float(i + 1) for i in range(12)]
     values_b = [float(100 + i) for i in range(12)]
-    engine, metrics, _ = run_scenario({0: (values_a, 0.0, True), 1: (values_b, 0.05, True)}, grace_s=0.06)
+    engine, metrics, _ = run_scenario({0: (values_a, 0.0, True), 1: (values_b, 0.05, True)}, grace_s=0.15)
     late = metrics.frames_late._value.get()
     assert late <= 1  # none in principle; one tolerated for a scheduling hiccup on a loaded machine
     stepped_a = [v[0] for _, v in engine.steps if v[0] != 0]

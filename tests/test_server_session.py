@@ -177,3 +177,24 @@ def test_every_queued_message_counts_against_the_slow_client_limit(models):
     session = asyncio.run(main())
     assert session._end_reason == "slow_client"
     assert session.outbox.qsize() <= 3 * 3 + 2  # checked before each frame (up to 3 messages)
+
+
+def test_a_full_scheduler_after_admission_rejects_the_client_and_releases_the_slot(models, caplog):
+    """Admission let the client in but every batch slot is bound: busy error, no leaked admission."""
+    async def main():
+        service = DuplexService(models, ServerSettings(max_sessions=1, torch_threads=1))
+        sampling, _ = service.sampling_for(protocol.parse_query_params({}))
+        squatter = service.scheduler.join(object(), sampling)  # bound without going through admission
+        ws = ScriptedWebSocket(frames=0)
+        try:
+            await asyncio.wait_for(Session(ws, service).run(), 5)
+        finally:
+            service.scheduler.leave(squatter)
+        return service, ws
+
+    with caplog.at_level("INFO", logger="duplex.server.sessions"):
+        service, ws = asyncio.run(main())
+    assert len(ws.sent) == 1 and ws.sent[0][0] == protocol.MessageKind.ERROR and b"busy" in ws.sent[0]
+    assert ws.closed and service.admission.active == 0
+    assert service.metrics.rejected.labels("busy")._value.get() == 1
+    assert any('"end_reason":"busy"' in r.getMessage() for r in caplog.records if r.name == "duplex.server.sessions")

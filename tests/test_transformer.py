@@ -96,6 +96,21 @@ def test_slot_reset_restarts_one_slot_only():
 
 
 @torch.no_grad()
+def test_reset_clears_a_poisoned_cache():
+    model = make()
+    x = torch.randn(2, 5, 32)
+    state = model.init_state(2)
+    for t in range(5):
+        model(x[:, t:t + 1], state)
+    for keys, values in zip(state.keys, state.values):  # e.g. an overflow in the previous conversation
+        keys[0].fill_(float("nan"))
+        values[0].fill_(float("nan"))
+    state.reset(torch.tensor([True, False]))
+    out = torch.cat([model(x[:, t:t + 1], state) for t in range(5)], dim=1)
+    torch.testing.assert_close(out[:1], model(x[:1]), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
 def test_batch_slots_are_independent():
     model = make()
     x = torch.randn(4, 9, 32)
