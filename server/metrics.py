@@ -41,7 +41,10 @@ class ServerMetrics:
         )
         self.ticks = Counter("duplex_ticks", "Batched model steps run", registry=r)
         self.frames_in = Counter("duplex_frames_in", "User audio frames stepped", registry=r)
-        self.frames_out = Counter("duplex_frames_out", "Model audio frames sent", registry=r)
+        self.frames_out = Counter(
+            "duplex_frames_out", "Model audio frames sent (counted once the websocket send of the Ogg page "
+            "carrying them completed; frames never sent count as dropped, out)", registry=r,
+        )
         self.frames_late = Counter(
             "duplex_frames_late", "Ticks where a running session had no frame (silence was used)", registry=r,
         )

@@ -10,7 +10,8 @@ and the scheduler holds a backlog: the session ends at once and its slot goes to
 Outbound: the scheduler's output is Opus-encoded on the event loop and queued in a bounded
 *outbox* drained by a sender task. A client that does not read its audio for ``outbox_frames``
 frames is disconnected with a kind-5 "too slow" error, so it can never stall the model loop or
-the other sessions.
+the other sessions. A model frame counts as sent (``duplex_frames_out``) once the send of the Ogg
+page carrying it completed; frames still unsent when the session ends count as dropped (out).
 
 Latency: each user frame is stamped with ``time.perf_counter()`` when it is complete at the server
 (decoded, before the receive buffer); the stamp travels with the frame through the scheduler to the
@@ -66,13 +67,16 @@ class Session:
         self.id = uuid.uuid4().hex[:12]
         client = websocket.client
         self.record = SessionRecord(session_id=self.id, client=f"{client.host}:{client.port}" if client else "?")
-        # (message, arrival times of the user frames whose output it carries); None = stop sending
-        self.outbox: asyncio.Queue[tuple[bytes, list[float]] | None] = asyncio.Queue()
+        # (message, arrival times of the user frames whose output it carries, model frames it carries);
+        # None = stop sending
+        self.outbox: asyncio.Queue[tuple[bytes, list[float], int] | None] = asyncio.Queue()
         self._audio_queued = 0  # audio messages in the outbox
+        self._frames_unsent = 0  # model frames in audio messages queued or being sent (not sent yet)
         self._queued = 0  # messages of any kind in the outbox (bounded: see deliver)
         self._holds_admission = False
         self._received: asyncio.Queue[tuple[np.ndarray, float]] = asyncio.Queue(RECEIVE_BUFFER_FRAMES)
         self._unsent_arrivals: list[float] = []  # frames handed to the Opus writer, no page out yet
+        self._unpaged_frames = 0  # model frames handed to the Opus writer, no page out yet
         self._done = asyncio.Event()
         self._end_reason: str | None = None
         self._end_error: str | None = None
@@ -90,7 +94,6 @@ class Session:
         try:
             params = protocol.parse_query_params(self.ws.query_params)
         except ValueError as exc:
-            self.service.metrics.rejected.labels("bad_params").inc()
             await self._reject(str(exc), "bad_params")
             return
         if not await self._wait_for_slot():
@@ -100,9 +103,7 @@ class Session:
         refusal = self._join_scheduler(params)
         if refusal is not None:
             self._release_admission()
-            message, reason = refusal
-            self.service.metrics.rejected.labels(reason).inc()
-            await self._reject(message, reason)
+            await self._reject(*refusal)
             return
         try:
             await self._converse(params)
@@ -137,14 +138,16 @@ class Session:
             return f"server busy: {exc}; try again later", "busy"
         return None
 
-    async def _reject(self, message: str, reason: str) -> None:
-        """Refuse the session with a kind-5 error, then close."""
+    async def _reject(self, message: str | None, reason: str) -> None:
+        """Refuse the session (counted by reason): a kind-5 error, then close; no message = the client is gone."""
+        self.service.metrics.rejected.labels(reason).inc()
         self.record.end_reason = reason
-        try:
-            await self._send_now(protocol.encode_error(message))
-        except Exception:  # noqa: BLE001 - the client is gone already
-            logger.debug("session %s: could not send %r", self.id, message, exc_info=True)
-        await self._close()
+        if message is not None:
+            try:
+                await self._send_now(protocol.encode_error(message))
+            except Exception:  # noqa: BLE001 - the client is gone already
+                logger.debug("session %s: could not send %r", self.id, message, exc_info=True)
+            await self._close()
         self.record.log()
 
     # ------------------------------------------------------------------ admission
@@ -155,43 +158,35 @@ class Session:
         acquire = asyncio.ensure_future(self.service.admission.acquire(self._send_position))
         watch = asyncio.ensure_future(self._read_while_queued())
         try:
-            await asyncio.wait({acquire, watch}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({acquire, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watch.cancel()
-        if not acquire.done():  # the client left (or sent bad input) while queued
-            acquire.cancel()
-            await asyncio.gather(acquire, return_exceptions=True)
-            error = watch.result() if watch.done() and not watch.cancelled() and not watch.exception() else None
-            reason = "bad_input" if error else "left_queue"
-            self.service.metrics.rejected.labels(reason).inc()
-            if error:
-                await self._reject(error, reason)
-            else:
-                self.record.end_reason = reason
-                self.record.log()
+        if watch in done:  # the client left (or sent bad input) while queued, even if a slot came too
+            await self._give_up_queued_slot(acquire)
+            error = None if watch.cancelled() or watch.exception() else watch.result()
+            await self._reject(error, "bad_input" if error else "left_queue")
             return False
         try:
             acquire.result()
-        except (Busy, Closed):
-            return await self._refuse_queued(acquire.exception())
+        except Busy as exc:
+            await self._reject(str(exc), "busy")
+            return False
+        except Closed as exc:
+            await self._reject(str(exc), "shutdown" if self.service.shutting_down else "server_error")
+            return False
         except Exception:  # noqa: BLE001 - a position update found the client gone
             logger.debug("session %s: left while queued", self.id, exc_info=True)
-            self.service.metrics.rejected.labels("left_queue").inc()
-            self.record.end_reason = "left_queue"
-            self.record.log()
+            await self._reject(None, "left_queue")
             return False
         return True
 
-    async def _refuse_queued(self, exc: Exception) -> bool:
-        """Busy or Closed while queueing: a kind-5 error, then close. Always False."""
-        if isinstance(exc, Busy):
-            self.service.metrics.rejected.labels("busy").inc()
-            await self._reject(str(exc), "busy")
-            return False
-        reason = "shutdown" if self.service.shutting_down else "server_error"
-        self.service.metrics.rejected.labels(reason).inc()
-        await self._reject(str(exc), reason)
-        return False
+    async def _give_up_queued_slot(self, acquire: asyncio.Future) -> None:
+        """Stop waiting for a slot; one granted already (in the same turn the client left) goes back."""
+        if not acquire.done():
+            acquire.cancel()  # a slot granted but not yet taken is given back by the admission itself
+        await asyncio.gather(acquire, return_exceptions=True)
+        if not acquire.cancelled() and acquire.exception() is None:
+            self.service.admission.release()
 
     async def _send_position(self, position: int) -> None:
         await self._send_now(protocol.encode_metadata({"type": "queue", "queue_position": position}))
@@ -263,9 +258,9 @@ class Session:
                 logger.debug("session %s: output not fully flushed", self.id, exc_info=True)
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
-        if self._audio_queued > 0:
-            self.record.frames_dropped_out += self._audio_queued
-            self.service.metrics.frames_dropped.labels("out").inc(self._audio_queued)
+        if self._frames_unsent > 0:
+            self.record.frames_dropped_out += self._frames_unsent
+            self.service.metrics.frames_dropped.labels("out").inc(self._frames_unsent)
         if self._end_error is not None and self._end_reason != "client_closed":
             try:
                 await asyncio.wait_for(self._send_now(protocol.encode_error(self._end_error)), timeout=1.0)
@@ -327,16 +322,20 @@ class Session:
             item = await self.outbox.get()
             if item is None:
                 return
-            data, arrivals = item
+            data, arrivals, frames = item
             self._queued -= 1
             if data[0] == MessageKind.AUDIO:
                 self._audio_queued -= 1
             try:
                 await self._send_now(data)
-            except Exception:  # noqa: BLE001 - the client went away
+            except Exception:  # noqa: BLE001 - the client went away (its frames count as dropped)
                 logger.debug("session %s: send failed", self.id, exc_info=True)
                 self.finish("client_closed")
                 return
+            if frames:
+                self._frames_unsent -= frames
+                self.record.frames_out += frames
+                self.service.metrics.frames_out.inc(frames)
             if arrivals:
                 sent = time.perf_counter()
                 for arrived in arrivals:
@@ -372,22 +371,24 @@ class Session:
             return
         if arrived is not None:
             self._unsent_arrivals.append(arrived)
+        self._unpaged_frames += 1
         ogg = self._opus_out.append_pcm(pcm)
         if ogg:
-            self._enqueue(protocol.encode_audio(ogg), self._unsent_arrivals)
+            self._enqueue(protocol.encode_audio(ogg), self._unsent_arrivals, self._unpaged_frames)
             self._unsent_arrivals = []
             self._audio_queued += 1
+            self._frames_unsent += self._unpaged_frames
+            self._unpaged_frames = 0
         piece = self.service.text_piece(text_id)
         if piece:
             self._enqueue(protocol.encode_text(piece))
         if self.service.settings.send_tokens:
             self._enqueue(protocol.encode_metadata({"type": "tokens", "tokens": tokens.tolist()}))
-        self.record.frames_out += 1
-        self.service.metrics.frames_out.inc()
 
-    def _enqueue(self, data: bytes, arrivals: list[float] | None = None) -> None:
-        """Queue one message for the sender (counted against the slow-client limit)."""
-        self.outbox.put_nowait((data, arrivals or []))
+    def _enqueue(self, data: bytes, arrivals: list[float] | None = None, frames: int = 0) -> None:
+        """Queue one message for the sender (counted against the slow-client limit); ``frames``: the
+        model frames an audio message carries (counted as sent once it is)."""
+        self.outbox.put_nowait((data, arrivals or [], frames))
         self._queued += 1
 
     def fail(self, reason: str) -> None:

@@ -113,3 +113,25 @@ def test_cli_errors_are_one_line(fixtures_dir, tiny_tokenizer_path, tmp_path, ca
     assert "Moshi LM weights: file not found" in err and "Traceback" not in err
     assert duplex_main(["infer", str(good), str(good), str(tmp_path / "o.wav"), *flags]) == 1
     assert "--output-dir" in capsys.readouterr().err
+
+
+def test_cli_batch_size_chunks_files_without_changing_outputs(fixtures_dir, tiny_tokenizer_path, pipeline, tmp_path,
+                                                              capsys):
+    """Three files of different lengths: two chunks (--batch-size 2) give what one batch of 3 gives."""
+    audio = pipeline["audio_in"][:, 0].numpy()  # [2, 96000]
+    sources = []
+    for name, (row, frames) in {"a": (0, 9), "b": (1, 14), "c": (0, 6)}.items():
+        sources.append(tmp_path / f"{name}.wav")
+        soundfile.write(sources[-1], audio[row, 5000 : 5000 + frames * FRAME_SIZE - 300], 24000, subtype="FLOAT")
+    flags = model_flags(fixtures_dir, tiny_tokenizer_path)
+    for size in ("2", "3"):
+        argv = ["infer", *map(str, sources), "--output-dir", str(tmp_path / size), "--batch-size", size, "--greedy"]
+        assert duplex_main([*argv, *flags]) == 0, capsys.readouterr().err
+    for name, frames in (("a", 9), ("b", 14), ("c", 6)):
+        chunked, together = (read_audio(tmp_path / size / f"{name}.wav") for size in ("2", "3"))
+        assert chunked.size == (frames - 1) * FRAME_SIZE
+        np.testing.assert_array_equal(chunked, together)
+        assert (tmp_path / "2" / f"{name}.txt").read_text() == (tmp_path / "3" / f"{name}.txt").read_text()
+    with pytest.raises(SystemExit):
+        duplex_main(["infer", *map(str, sources), "--output-dir", str(tmp_path), "--batch-size", "0", *flags])
+    assert "--batch-size: must be at least 1" in capsys.readouterr().err

@@ -71,6 +71,7 @@ def test_a_client_that_stops_reading_is_dropped_without_stalling_the_model(model
     metrics = service.metrics
     assert metrics.sessions_ended.labels("slow_client")._value.get() == 1
     assert metrics.frames_dropped.labels("out")._value.get() >= 3
+    assert metrics.frames_out._value.get() == 0  # no audio reached the client: nothing counted as sent
     assert metrics.active_sessions._value.get() == 0 and service.admission.active == 0
 
 
@@ -198,3 +199,29 @@ def test_a_full_scheduler_after_admission_rejects_the_client_and_releases_the_sl
     assert ws.closed and service.admission.active == 0
     assert service.metrics.rejected.labels("busy")._value.get() == 1
     assert any('"end_reason":"busy"' in r.getMessage() for r in caplog.records if r.name == "duplex.server.sessions")
+
+
+def test_frames_out_counts_model_frames_once_their_audio_is_sent(models):
+    """Sent frames count when their Ogg page went out; the rest count as dropped, never as both."""
+    async def main(reads_after: int):
+        service = DuplexService(models, ServerSettings(max_sessions=1, outbox_frames=50))
+        ws = ScriptedWebSocket(frames=0, reads_after=reads_after)
+        session = Session(ws, service)
+        sender = asyncio.ensure_future(session._send_loop())
+        for i in range(12):
+            session.deliver(synth_audio(1, i), 0, np.zeros(9, dtype=np.int64))
+            await asyncio.sleep(0)
+        session._end_reason = "client_closed"  # no flush: what is unsent is dropped
+        await session._drain_and_close(sender)
+        pages = sum(1 for m in ws.sent if m[0] == protocol.MessageKind.AUDIO)
+        return service.metrics, session, pages
+
+    metrics, session, pages = asyncio.run(main(reads_after=10**6))  # reads everything
+    held = session._unpaged_frames  # still inside the Opus writer: neither sent nor dropped
+    assert pages > 0 and metrics.frames_out._value.get() == 12 - held == session.record.frames_out
+    assert metrics.frames_dropped.labels("out")._value.get() == 0
+
+    metrics, session, pages = asyncio.run(main(reads_after=3))  # reads the first 3 messages only
+    sent, dropped = metrics.frames_out._value.get(), metrics.frames_dropped.labels("out")._value.get()
+    assert pages == 3 and 3 <= sent < 12 and dropped > 0
+    assert sent + dropped + session._unpaged_frames == 12
