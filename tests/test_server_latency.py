@@ -99,4 +99,4 @@ def test_a_frame_held_back_by_the_opus_writer_is_timed_with_the_page_that_carrie
 
     items = asyncio.run(main())
     page = protocol.encode_audio(b"OggS-page")
-    assert items == [(page, [1.0]), (page, [2.0, 3.0])]
+    assert items == [(page, [1.0], 2), (page, [2.0, 3.0], 2)]  # (message, arrivals timed, model frames carried)
