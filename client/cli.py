@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from duplex.client.audio import SAMPLE_RATE, AudioFileError, read_audio, write_wav
+from duplex.client.flags import add_temperature_topk_arguments
 
 DEFAULT_URL = "ws://localhost:8998/api/chat"
 # command-line flag (dest) -> the server's query parameter
@@ -47,12 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="microphone: sounddevice device name or index (default: system default)")
     devices.add_argument("--output-device", help="speaker: sounddevice device name or index (default: system default)")
     sampling = parser.add_argument_group("sampling (sent as query parameters; default: the server's)")
-    sampling.add_argument("--text-temperature", type=float,
-                          help="temperature of the text token (0 = greedy text; the audio keeps its mode)")
-    sampling.add_argument("--text-topk", type=int, help="sample the text token among the k most likely")
-    sampling.add_argument("--audio-temperature", type=float,
-                          help="temperature of the audio tokens (0 = greedy audio; the text keeps its mode)")
-    sampling.add_argument("--audio-topk", type=int, help="sample each audio token among the k most likely")
+    add_temperature_topk_arguments(sampling)
     sampling.add_argument("--text-seed", type=int, help="seed of the text sampler (independent of the audio's)")
     sampling.add_argument("--audio-seed", type=int, help="seed of the audio sampler (independent of the text's)")
     parser.add_argument("--insecure", action="store_true",

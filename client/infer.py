@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from duplex.client.audio import FRAME_SIZE, SAMPLE_RATE, AudioFileError, frame_count, read_audio, write_wav
+from duplex.client.flags import add_temperature_topk_arguments
 from duplex.client.text import TranscriptBuilder
 from duplex.server.models import ModelSourceError, add_model_arguments, load_models
 
@@ -84,12 +85,7 @@ def positive_int(text: str) -> int:
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """Sampling overrides applied to every slot, resolved exactly as a server session's query parameters."""
     group = parser.add_argument_group("sampling (default: the model repository's lm_gen_config)")
-    group.add_argument("--text-temperature", type=float, help="temperature of the text token (0 = greedy text; "
-                       "the audio keeps its own mode)")
-    group.add_argument("--text-topk", type=int, help="sample the text token among the k most likely")
-    group.add_argument("--audio-temperature", type=float, help="temperature of the audio tokens (0 = greedy audio; "
-                       "the text keeps its own mode)")
-    group.add_argument("--audio-topk", type=int, help="sample each audio token among the k most likely")
+    add_temperature_topk_arguments(group)
     group.add_argument("--greedy", action="store_true",
                        help="always take the most likely token (same as both temperatures 0)")
     group.add_argument("--seed", type=int, help="random seed of both samplers, text and audio (same seed, same "
