@@ -10,7 +10,7 @@ from torch import Tensor
 
 # The strict key/shape check and its error type are shared with the LM loader.
 from ..model.checkpoint import CheckpointMismatchError  # noqa: F401  (re-exported by duplex.codec)
-from ..model.checkpoint import MAX_LISTED_KEYS, check_checkpoint_keys, safetensors_shapes, tensor_shapes
+from ..model.checkpoint import MAX_LISTED_KEYS, load_strict, save_published
 from .config import MimiConfig
 from .mimi import Mimi
 
@@ -23,29 +23,6 @@ def resolve_config(config: MimiConfig | dict | str | Path | None) -> MimiConfig:
     if isinstance(config, MimiConfig):
         return config
     return MimiConfig.from_kyutai(config)
-
-
-def expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Every persistent key of the model's state dict with its shape (works on the meta device)."""
-    return tensor_shapes(model.state_dict())
-
-
-def _checkpoint_shapes(weights: str | Path | dict[str, Tensor]) -> tuple[dict[str, tuple[int, ...]], str]:
-    """Key -> shape of the checkpoint (a file's header only: no tensor read) and a name for messages."""
-    if isinstance(weights, dict):
-        return tensor_shapes(weights), "<state dict>"
-    return safetensors_shapes(weights, "Mimi weights"), str(weights)
-
-
-def _read_tensors(weights: str | Path | dict[str, Tensor]) -> dict[str, Tensor]:
-    if isinstance(weights, dict):
-        return dict(weights)
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(weights), device="cpu")
-    except Exception as error:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"cannot read {weights} as safetensors: {error}") from error
 
 
 def finish_model(model: Mimi) -> Mimi:
@@ -66,30 +43,21 @@ def load_mimi(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Mimi:
-    """Build Mimi on `meta`, check the checkpoint strictly, load it with `assign=True`, cast and derive buffers."""
+    """Build Mimi on `meta`, check the checkpoint strictly (either attention spelling), assign, derive buffers.
+
+    The same rules as the LM loader (``duplex.model.checkpoint.load_strict``): floats cast to ``dtype``.
+    """
     config = resolve_config(config)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     with torch.device("meta"):
         model = Mimi(config, num_codebooks=num_codebooks)
-    shapes, source = _checkpoint_shapes(weights)
-    check_checkpoint_keys(expected_shapes(model), shapes, f"Mimi checkpoint {source}")
-    tensors = _read_tensors(weights)
-    tensors = {
-        key: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
-        for key, value in tensors.items()
-    }
-    model.load_state_dict(tensors, strict=True, assign=True)
-    logger.info("loaded Mimi from %s (%d tensors) on %s as %s", source, len(tensors), device, dtype)
+    count = load_strict(model, weights, "Mimi", device, dtype)
+    logger.info("loaded Mimi (%d tensors) on %s as %s", count, device, dtype)
     return finish_model(model)
 
 
 def save_mimi(model: Mimi, path: str | Path) -> None:
-    """Write the model's weights as a Kyutai-format safetensors file (contiguous copies of packed weights)."""
-    from safetensors.torch import save_file
-
-    tensors = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
-    save_file(tensors, str(path))
+    """Write the model's weights in the published layout (fused attention), loadable by Kyutai's tools."""
+    save_published(model, path)
 
 
 def random_mimi(

@@ -14,8 +14,7 @@ from typing import Mapping
 
 import torch
 
-from .checkpoint import (MAX_LISTED_KEYS, CheckpointMismatchError, check_checkpoint_keys, safetensors_shapes,
-                         tensor_shapes)
+from .checkpoint import CheckpointMismatchError, load_strict, save_published, source_shapes
 from .config import LMConfig
 from .lm import LMModel
 
@@ -27,31 +26,7 @@ CheckpointMismatch = CheckpointMismatchError
 
 def checkpoint_shapes(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     """Key -> shape of a checkpoint: a state dict's, or a safetensors file's header (no tensor read)."""
-    if isinstance(source, Mapping):
-        return tensor_shapes(source)
-    return safetensors_shapes(source, "LM weights")
-
-
-def read_weights(source: str | Path | Mapping[str, torch.Tensor], device: torch.device,
-                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """A state dict from a safetensors file (read onto ``device``) or a mapping, floats cast to ``dtype``."""
-    if isinstance(source, Mapping):
-        tensors = dict(source)
-    else:
-        from safetensors.torch import load_file
-
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"LM weights not found: {path}")
-        try:
-            tensors = load_file(str(path), device=str(device))
-        except Exception as err:  # safetensors raises several error types for corrupt files
-            raise ValueError(f"cannot read LM weights {path}: {err}") from err
-    for name in list(tensors):  # cast one tensor at a time: never two copies of the model
-        tensor = tensors[name]
-        target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
-        tensors[name] = tensor.to(device=device, dtype=target_dtype)
-    return tensors
+    return source_shapes(source, "LM weights")
 
 
 def default_config_for(weights: str | Path | Mapping[str, torch.Tensor]) -> LMConfig:
@@ -65,21 +40,33 @@ def default_config_for(weights: str | Path | Mapping[str, torch.Tensor]) -> LMCo
     return LMConfig.moshi_7b()
 
 
-def load_lm(weights: str | Path | Mapping[str, torch.Tensor], config: LMConfig | None = None,
+def resolve_config(config: LMConfig | Mapping | str | Path | None,
+                   weights: str | Path | Mapping[str, torch.Tensor]) -> LMConfig:
+    """An LMConfig from an LMConfig, a Kyutai config dict, a config.json path, or None (found by the weights)."""
+    if config is None:
+        return default_config_for(weights)
+    if isinstance(config, LMConfig):
+        return config
+    return LMConfig.from_kyutai(config if isinstance(config, Mapping) else Path(config))
+
+
+def load_lm(weights: str | Path | Mapping[str, torch.Tensor], config: LMConfig | Mapping | str | Path | None = None,
             device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16) -> LMModel:
-    """Build the LM on ``meta``, check the checkpoint strictly, assign its tensors on ``device``."""
-    config = config if config is not None else default_config_for(weights)
-    device = torch.device(device)
+    """Build the LM on ``meta``, check the checkpoint strictly, assign its tensors on ``device``.
+
+    ``weights``: a safetensors path (published or per-step spelling) or a state dict. ``config``:
+    see ``resolve_config``. Floating tensors are cast to ``dtype``, integer ones keep theirs.
+    """
+    config = resolve_config(config, weights)
     with torch.device("meta"):
         model = LMModel(config)
-    source = "the LM checkpoint" if isinstance(weights, Mapping) else f"the LM checkpoint {weights}"
-    check_checkpoint_keys(tensor_shapes(model.state_dict()), checkpoint_shapes(weights), source)
-    tensors = read_weights(weights, device, dtype)
-    model.load_state_dict(tensors, strict=True, assign=True)
-    leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if leftover:
-        raise CheckpointMismatchError(f"tensors left unloaded after loading: {', '.join(leftover[:MAX_LISTED_KEYS])}")
+    count = load_strict(model, weights, "LM", device, dtype)
     model.eval()
-    count = sum(t.numel() for t in model.parameters())
-    logger.info("LM loaded: %.1f M parameters, %s on %s", count / 1e6, dtype, device)
+    parameters = sum(t.numel() for t in model.parameters())
+    logger.info("LM loaded: %d tensors, %.1f M parameters, %s on %s", count, parameters / 1e6, dtype, device)
     return model
+
+
+def save_lm(model: LMModel, path: str | Path) -> None:
+    """Write the LM's weights in the published layout (fused attention), loadable by Kyutai's tools."""
+    save_published(model, path)

@@ -245,6 +245,19 @@ class StreamingAttention(nn.Module):
         self.out_projs = nn.ModuleList(
             nn.Linear(dim, dim, bias=False, device=device, dtype=dtype) for _ in range(sets))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Accept the published, fused spelling too: ``in_proj_weight`` [sets*3D, D], ``out_proj.weight``.
+
+        The fused tensor is split into row views (no copy); see ``duplex.model.spelling``.
+        """
+        dim = self.config.d_model
+        for fused, kind, rows in ((prefix + "in_proj_weight", "in_projs", 3 * dim),
+                                  (prefix + "out_proj.weight", "out_projs", dim)):
+            if fused in state_dict:
+                for index, piece in enumerate(torch.split(state_dict.pop(fused), rows, dim=0)):
+                    state_dict[f"{prefix}{kind}.{index}.weight"] = piece
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor, ctx: _StepContext, keys: torch.Tensor, values: torch.Tensor):
         batch, steps, _ = x.shape
         qkv = _per_step_linear(x, self.in_projs, self.config, ctx.first_step)  # [B, T, 3D]

@@ -130,7 +130,8 @@ def test_cli_batch_size_chunks_files_without_changing_outputs(fixtures_dir, tiny
     for name, frames in (("a", 9), ("b", 14), ("c", 6)):
         chunked, together = (read_audio(tmp_path / size / f"{name}.wav") for size in ("2", "3"))
         assert chunked.size == (frames - 1) * FRAME_SIZE
-        np.testing.assert_array_equal(chunked, together)
+        # Same tokens; the audio may differ in the last bit of 16-bit PCM (float sums depend on the batch size).
+        np.testing.assert_allclose(chunked, together, rtol=0, atol=2 / 32768)
         assert (tmp_path / "2" / f"{name}.txt").read_text() == (tmp_path / "3" / f"{name}.txt").read_text()
     with pytest.raises(SystemExit):
         duplex_main(["infer", *map(str, sources), "--output-dir", str(tmp_path), "--batch-size", "0", *flags])
