@@ -3,6 +3,9 @@
 A waiting client is told its 1-based position (through the ``on_position`` callback, which
 sends kind-4 metadata) when it enters the queue and every time the queue moves. When the queue
 already holds ``max_queue`` clients, :meth:`Admission.acquire` raises :class:`Busy` at once.
+Admission also waits while ``accepting()`` says no (the scheduler's lag gate: sessions running
+behind real time, see ``--max-lag-ms``): new clients queue even with a slot free, and are let in,
+in order, once it says yes again (checked every :data:`GATE_POLL_SECONDS` while anyone waits).
 All methods run on the event loop thread.
 """
 
@@ -11,6 +14,8 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from typing import Awaitable, Callable
+
+GATE_POLL_SECONDS = 0.1
 
 from duplex.server.metrics import ServerMetrics
 
@@ -32,7 +37,8 @@ class _Waiter:
 class Admission:
     """FIFO admission control with queue positions."""
 
-    def __init__(self, max_sessions: int, max_queue: int, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, max_sessions: int, max_queue: int, metrics: ServerMetrics | None = None,
+                 accepting: Callable[[], bool] | None = None) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         if max_queue < 0:
@@ -40,6 +46,7 @@ class Admission:
         self.max_sessions = max_sessions
         self.max_queue = max_queue
         self.metrics = metrics
+        self.accepting = accepting or (lambda: True)
         self.active = 0
         self.closed = False
         self.closed_reason = "server shutting down"
@@ -51,7 +58,7 @@ class Admission:
 
     def try_acquire(self) -> bool:
         """Take a free slot at once if there is one and nobody is waiting."""
-        if self.closed or self.active >= self.max_sessions or self._waiters:
+        if self.closed or self.active >= self.max_sessions or self._waiters or not self.accepting():
             return False
         self.active += 1
         return True
@@ -63,8 +70,10 @@ class Admission:
         if self.try_acquire():
             return
         if len(self._waiters) >= self.max_queue:
-            raise Busy(f"server busy: all {self.max_sessions} sessions are taken and "
-                       f"{len(self._waiters)} clients are already waiting; try again later")
+            what = (f"all {self.max_sessions} sessions are taken" if self.active >= self.max_sessions
+                    else "the sessions running now are behind real time")
+            raise Busy(f"server busy: {what} and {len(self._waiters)} clients are already waiting; "
+                       "try again later")
         waiter = _Waiter()
         self._waiters.append(waiter)
         self._update_gauge()
@@ -85,7 +94,10 @@ class Admission:
                 await on_position(position)
                 sent = position
             if not waiter.granted and not waiter.changed.is_set():
-                await waiter.changed.wait()
+                try:
+                    await asyncio.wait_for(waiter.changed.wait(), GATE_POLL_SECONDS)
+                except asyncio.TimeoutError:
+                    self._grant_free_slots()  # the gate may have opened
 
     def _abandon(self, waiter: _Waiter) -> None:
         """A waiter left (disconnect, error): give back what it held."""
@@ -97,13 +109,18 @@ class Admission:
         self._update_gauge()
 
     def release(self) -> None:
-        """A session ended: hand its slot to the first waiter, or free it."""
-        if self._waiters and not self.closed:
+        """A session ended: free its slot and hand free slots to the first waiters."""
+        self.active = max(0, self.active - 1)
+        self._grant_free_slots()
+        self._update_gauge()
+
+    def _grant_free_slots(self) -> None:
+        """Let waiters in, in order, while a slot is free and the gate accepts."""
+        while self._waiters and not self.closed and self.active < self.max_sessions and self.accepting():
             waiter = self._waiters.popleft()
             waiter.granted = True
+            self.active += 1
             self._notify_all(extra=waiter)
-        else:
-            self.active = max(0, self.active - 1)
         self._update_gauge()
 
     def close(self, reason: str = "server shutting down") -> None:

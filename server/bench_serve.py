@@ -179,7 +179,7 @@ def run_one(models, sessions: int, audio: np.ndarray, args: argparse.Namespace) 
 
     if models.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(models.device)
-    settings = ServerSettings(max_sessions=sessions, max_queue=0, grace_ms=args.grace_ms,
+    settings = ServerSettings(max_sessions=sessions, max_queue=0,
                               torch_threads=args.threads)
     app = create_app(models, settings)
     service = app.state.service

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -35,9 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serving.add_argument("--max-session-seconds", type=float, default=0.0,
                          help="end each conversation after this many seconds, announced to the client "
                          "(default: 0 = no limit)")
-    serving.add_argument("--grace-ms", type=float, default=defaults.grace_ms,
-                         help="how long a tick waits for a session whose frame is late before stepping "
-                         f"it with silence (default: {defaults.grace_ms:g})")
+    serving.add_argument("--max-lag-ms", type=float, default=defaults.max_lag_ms,
+                         help="while a session runs this far behind real time (the machine cannot keep up), "
+                         "new clients wait in the queue (default: %(default)g; 0 = always admit)")
+    serving.add_argument("--hard-lag-ms", type=float, default=defaults.hard_lag_ms,
+                         help="a session this far behind real time ends with a kind-5 'server overloaded' "
+                         "error (default: %(default)g; 0 = never)")
+    serving.add_argument("--grace-ms", type=float, default=None,
+                         help="deprecated, no effect: the scheduler no longer waits for late audio or steps "
+                         "silence in its place (a slot without a frame simply does not step)")
     serving.add_argument("--threads", type=int, default=None,
                          help="torch intra-op threads of the model worker (default: torch's choice)")
     serving.add_argument("--web-dir", type=Path, default=None,
@@ -54,13 +61,16 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.max_session_seconds < 0:
         raise ValueError(f"--max-session-seconds must be >= 0, got {args.max_session_seconds}")
-    if args.grace_ms < 0:
-        raise ValueError(f"--grace-ms must be >= 0, got {args.grace_ms}")
+    for flag, value in (("--max-lag-ms", args.max_lag_ms), ("--hard-lag-ms", args.hard_lag_ms)):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
+    if args.grace_ms is not None:
+        logger.warning("--grace-ms is deprecated and has no effect (late audio is never replaced by silence)")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535 (0 = any free port), got {args.port}")
     return ServerSettings(max_sessions=args.max_sessions, max_queue=args.max_queue,
-                          max_session_seconds=args.max_session_seconds, grace_ms=args.grace_ms,
-                          torch_threads=args.threads)
+                          max_session_seconds=args.max_session_seconds, max_lag_ms=args.max_lag_ms,
+                          hard_lag_ms=args.hard_lag_ms, torch_threads=args.threads)
 
 
 def ssl_files(directory: str | None) -> tuple[str | None, str | None]:

@@ -46,7 +46,7 @@ class ServerMetrics:
             "carrying them completed; frames never sent count as dropped, out)", registry=r,
         )
         self.frames_late = Counter(
-            "duplex_frames_late", "Ticks where a running session had no frame (silence was used)", registry=r,
+            "duplex_frames_late", "Frames stepped as silence for a session that had none (0 with an engine that has a ready mask)", registry=r,
         )
         self.frames_dropped = Counter(
             "duplex_frames_dropped", "Frames discarded: in = user audio sent before the session started "
@@ -63,6 +63,19 @@ class ServerMetrics:
             "of the model audio of the step that consumed it completed", buckets=_FRAME_LATENCY_BUCKETS, registry=r,
         )
         self.recent_frame_latencies: deque[float] = deque(maxlen=RECENT_FRAME_LATENCIES)  # raw seconds
+        self.session_lag = Gauge(
+            "duplex_session_lag_seconds", "How far each slot's conversation runs behind real time (0 = on time; "
+            "a client's own pauses and jitter do not count)", ["slot"], registry=r,
+        )
+        self.max_lag = Gauge("duplex_max_lag_seconds", "The largest session lag (admission waits above "
+                             "--max-lag-ms)", registry=r)
+        self.real_time_factor = Gauge(
+            "duplex_real_time_factor", "One batched step's compute (recent average) / 80 ms of audio: above 1 "
+            "the server cannot hold its sessions in real time", registry=r,
+        )
+        self.catch_up_steps = Counter("duplex_catch_up_steps", "Steps run at once because a session had "
+                                      "frames queued (catching up after a burst, or a client faster than "
+                                      "real time)", registry=r)
         for stage in ("encode", "lm", "decode", "total"):
             self.step_seconds.labels(stage)
         for direction in ("in", "out"):

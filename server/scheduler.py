@@ -1,94 +1,63 @@
-"""The batched scheduler: one worker thread steps every active conversation together.
+"""The batched scheduler: a thin worker thread that runs the tick policy's steps on the engine.
 
-Threads. The event loop (websockets, Opus) never runs model code. Sessions push decoded
-80 ms frames into their slot's bounded *inbox*; the worker thread waits for frames, runs one
-:meth:`DuplexEngine.step` for the whole batch and hands each session its output through
-``loop.call_soon_threadsafe``. Ticks are driven by incoming audio: with no frames, nothing runs.
-
-Late sessions: lockstep with a grace period. The states of all slots advance together (a
-batched step cannot leave one slot's streaming state untouched), so every tick steps every
-running session. A tick starts as soon as every running, on-time session has a frame. Otherwise
-it waits until ``grace_s`` after the frame was *due*: max(previous tick + 80 ms, first frame of
-this tick ready) + grace. Real-time clients with different phases therefore never count as late
-(the tick follows the last of them in each 80 ms cycle, so an early client's frame waits < 80 ms);
-a client whose frame is really missing at the deadline gets 80 ms of silence (counted in
-``duplex_frames_late``, like packet-loss concealment) and is marked *stalled*: later ticks do not
-wait for it until one of its frames has been stepped again. A stalled or vanished client thus
-delays the others once, by at most 80 ms + grace, and never corrupts them.
-Idle sessions: a connected client that stops sending (end of a file, a muted client that sends
-nothing) is stepped with silence like a late one, but after ``IDLE_AFTER_TICKS`` silence ticks in a
-row it is *idle*: it stays in lockstep, its output is no longer sent and its ticks no longer count
-as late (they are still owed, up to ``inbox_frames``), until one of its frames arrives again. So a silent client goes quiet after at most
-``IDLE_AFTER_TICKS`` concealment frames instead of hearing the model forever while others talk.
-Catching up: each silence frame is *owed* by the session. When its late frames arrive and more than
-one is queued, the oldest is dropped for each owed frame (``duplex_frames_dropped{direction="in"}``),
-so a burst of lateness does not leave a permanent backlog (with other sessions pacing the ticks, the
-late frames would otherwise be stepped one tick late forever). Only inserted silence creates a debt:
-clients that stream faster than real time never get silence and stay lossless.
-Why not "step only ready slots"? It would need every streaming module (conv buffers, KV caches,
-LM delay buffers) to support masked, per-slot state updates; lockstep keeps the step one plain
-batched call and costs at most one frame of added latency per session.
-
-Backlog: the inbox holds at most ``inbox_frames`` frames. A client that sends faster than real
-time (file streaming) is throttled by backpressure (the session's feeder waits; once the session's
-bounded receive buffer is full too, it stops reading its socket), so its user audio is never
-dropped (only frames owed for stepped silence are, see above), and a fast client never makes the
-ticks of real-time peers run faster. Known limit: a client whose audio clock runs faster than the slowest
-peer's slowly builds a backlog (0.01 % drift = 0.36 s per hour); ``--max-session-seconds`` bounds it.
-A session's first frame is handled by the engine's first frame rule; a joined session is not
-waited for until its first frame has been stepped.
-
-Ending: :meth:`Scheduler.leave` frees the slot at once and discards the session's unstepped frames
-(its inbox, at most ``inbox_frames``). This holds for graceful shutdown too: the output already
-produced is flushed to the client, but user audio received and not yet stepped gets no answer,
-since the conversation is over when the client is told "server shutting down".
-
-Cost: every tick runs the engine on all ``batch_size`` (``--max-sessions``) slots, in use or
-not (free slots step silence), so a tick costs the same with 1 or N active sessions: size
-``--max-sessions`` to the load, not above it.
-
-Failures: if a step raises, the error is logged with its traceback, every active session ends
-with a kind-5 "server error: ..." and the engine resets all slots; the worker keeps serving new
-sessions. If the reset fails too (or steps fail ``MAX_CONSECUTIVE_FAILURES`` times in a row),
-the worker stops for good: ``error`` is set, ``on_fatal`` stops admission (new clients get the
-kind-5 error at once) and /healthz reports unavailable.
+The event loop (websockets, Opus) never runs model code. Sessions push decoded 80 ms frames into
+their slot's bounded inbox (:meth:`Scheduler.push`, backpressure beyond ``inbox_frames``); the worker
+asks :class:`~duplex.server.tick_policy.TickPolicy` which slots step now, runs one masked
+``engine.step(pcm, ready)`` for them and hands each stepped session its output on its event loop.
+Slots without a frame are not stepped: no silence is stepped, no user frame is dropped, and a
+session's output does not depend on when its frames arrive. Sessions are kept packed in the lowest
+slots (``engine.move_slot``), so that the engine computes a small prefix of the batch. Failures: a
+failed step ends every active session with a kind-5 error and resets the engine; after
+``MAX_CONSECUTIVE_FAILURES`` (or a failed reset) the worker stops for good (``error``, ``on_fatal``).
+Overload and lag: README, "Timing".
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import numpy as np
 
-from duplex.server.engine import SlotSampling, StepOutput
 from duplex.server.metrics import ServerMetrics
+from duplex.server.slots import OutputSink, SlotHandle
+from duplex.server.tick_policy import TickPolicy
 
 logger = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 3  # failed steps in a row (each followed by an engine reset) before giving up
-IDLE_AFTER_TICKS = 2  # silence ticks in a row after which a session's output is held back (see "Idle")
+
+
+class Engine(Protocol):
+    """What the scheduler needs of a batched engine (DuplexEngine; the tests' fakes)."""
+
+    batch_size: int
+    frame_size: int
+
+    def join(self, slot: int, request) -> None:
+        """A new conversation starts in ``slot`` with its SlotRequest (None = defaults)."""
+
+    def leave(self, slot: int) -> None:
+        """The slot's conversation ended."""
+
+    def move_slot(self, src: int, dst: int) -> None:
+        """Copy ``src``'s streaming state to the free slot ``dst``."""
+
+    def step(self, pcm: np.ndarray, ready: np.ndarray | None = None):
+        """[B, frame_size] float32 in -> StepOutput; slots not ``ready`` keep their state, give no output."""
+
+    def reset_all(self) -> None:
+        """Restart every slot (after a failed step)."""
 
 
 def failure_message(exc: BaseException) -> str:
     """The kind-5 text a session gets when the model failed (no traceback)."""
     return f"server error: {type(exc).__name__}: {exc}".rstrip(": ")
-
-
-class OutputSink(Protocol):
-    """Receives a slot's output on the event loop thread."""
-
-    def deliver(self, pcm: np.ndarray, text_id: int, tokens: np.ndarray, arrived: float | None) -> None:
-        """One output frame: [1920] audio, the text token id, all [1 + dep_q] token ids, and the
-        ``time.perf_counter()`` arrival of the user frame its step consumed (None: silence was stepped)."""
-
-    def fail(self, reason: str) -> None:
-        """The scheduler cannot go on: end the session with ``reason``."""
 
 
 class SchedulerFull(RuntimeError):
@@ -99,51 +68,48 @@ class SchedulerFailed(RuntimeError):
     """The worker stopped after an unrecoverable model failure: no session can start."""
 
 
-@dataclass(eq=False)
-class SlotHandle:
-    """One session's binding to a batch slot. Fields from ``inbox`` to ``frames_late`` are guarded by the
-    scheduler lock; ``tick_arrival`` is the worker thread's own."""
+@dataclass
+class Tick:
+    """One step to run: the input, the ready mask and who gets output."""
 
-    slot: int
-    sink: OutputSink
-    loop: asyncio.AbstractEventLoop
-    sampling: SlotSampling
-    inbox: deque = field(default_factory=deque)
-    arrivals: deque = field(default_factory=deque)  # arrival time of each inbox frame (or None)
-    started: bool = False  # its first frame has been stepped
-    stalled: bool = False  # missed the last tick; not waited for
-    closed: bool = False
-    frames_in: int = 0
-    frames_late: int = 0
-    frames_dropped: int = 0  # late user frames dropped to pay back the silence stepped in their place
-    owed: int = 0  # silence frames stepped for this session and not yet paid back by a dropped frame
-    silent_ticks: int = 0  # silence ticks in a row; above IDLE_AFTER_TICKS the session is idle
-    tick_arrival: float | None = None  # arrival time of the frame stepped in the current tick
-    space: asyncio.Event = field(default_factory=asyncio.Event)
+    pcm: np.ndarray  # [B, frame_size] float32
+    ready: np.ndarray  # [B] bool
+    stepped: list  # (handle, slot, arrival) per ready slot
+    catch_up: bool
 
-    @property
-    def idle(self) -> bool:
-        """Stepped with silence more than IDLE_AFTER_TICKS times in a row: its output is held back."""
-        return self.silent_ticks > IDLE_AFTER_TICKS
+
+def _accepts_ready(engine) -> bool:
+    try:
+        return "ready" in inspect.signature(engine.step).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class Scheduler:
-    """Owns a :class:`DuplexEngine` and runs its ticks in one worker thread."""
+    """Owns an engine and runs its steps in one worker thread."""
 
-    def __init__(self, engine, metrics: ServerMetrics, grace_s: float = 0.03, inbox_frames: int = 8,
-                 torch_threads: int | None = None) -> None:
+    def __init__(self, engine: Engine, metrics: ServerMetrics, inbox_frames: int = 8,
+                 torch_threads: int | None = None, max_lag_s: float = 0.0, hard_lag_s: float = 0.0,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.engine = engine
-        self.torch_threads = torch_threads
         self.metrics = metrics
-        self.grace_s = grace_s
         self.inbox_frames = inbox_frames
+        self.torch_threads = torch_threads
+        self.max_lag_s = max_lag_s  # > 0: admission waits while a session lags more (see accepting)
+        self.hard_lag_s = hard_lag_s  # > 0: a session lagging more ends with a kind-5 error
+        self.clock = clock
         self.batch_size = engine.batch_size
         self.frame_size = engine.frame_size
+        self.frame_seconds = self.frame_size / 24000.0
+        self.policy = TickPolicy(self.frame_seconds)
+        self.masked = _accepts_ready(engine)  # False: an engine without a ready mask (steps silence)
+        self.packs = hasattr(engine, "move_slot") and hasattr(engine, "leave")
+        if not self.masked:
+            logger.warning("the engine has no ready mask: slots without a frame are stepped with silence")
         self._cond = threading.Condition()
         self._handles: list[SlotHandle | None] = [None] * self.batch_size
+        self._left: list[int] = []  # engine slots whose session left, not yet told to the engine
         self._pcm = np.zeros((self.batch_size, self.frame_size), dtype=np.float32)  # [B, 1920]
-        self.frame_seconds = self.frame_size / 24000.0
-        self._last_tick = 0.0
         self.tick_observer = None  # optional callable(StepOutput, sessions stepped), for benchmarks
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -158,7 +124,7 @@ class Scheduler:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the worker thread after its current tick."""
+        """Stop the worker thread after its current step."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -171,16 +137,33 @@ class Scheduler:
         with self._cond:
             return sum(h is not None for h in self._handles)
 
+    def lags(self) -> list[float]:
+        """Seconds each bound session runs behind real time (see SlotHandle.lag)."""
+        now = self.clock()
+        with self._cond:
+            return [h.lag(now, self.frame_seconds) for h in self._handles if h is not None]
+
+    def accepting(self) -> bool:
+        """May a new session start now? Not after a fatal failure, nor while a session lags > max_lag_s."""
+        if self.error is not None:
+            return False
+        return self.max_lag_s <= 0 or max(self.lags(), default=0.0) <= self.max_lag_s
+
+    @property
+    def real_time_factor(self) -> float:
+        """One step's compute (recent average) / one frame: above 1 no session can be held in real time."""
+        return self.policy.step_estimate / self.frame_seconds
+
     # ------------------------------------------------------------------ sessions (event loop side)
-    def join(self, sink: OutputSink, sampling: SlotSampling) -> SlotHandle:
-        """Bind a session to the lowest free slot; its state is reset when its first frame is stepped."""
+    def join(self, sink: OutputSink, request) -> SlotHandle:
+        """Bind a session to the lowest free slot; the engine is told at its first frame's step."""
         loop = asyncio.get_running_loop()
         with self._cond:
             if self.error is not None:
                 raise SchedulerFailed(failure_message(self.error))
             for slot, handle in enumerate(self._handles):
                 if handle is None:
-                    new = SlotHandle(slot=slot, sink=sink, loop=loop, sampling=sampling)
+                    new = SlotHandle(slot=slot, sink=sink, loop=loop, request=request)
                     self._handles[slot] = new
                     self.metrics.active_sessions.inc()
                     return new
@@ -202,21 +185,26 @@ class Scheduler:
         if self._handles[handle.slot] is handle:
             self._handles[handle.slot] = None
             self.metrics.active_sessions.dec()
+            self.metrics.session_lag.labels(str(handle.slot)).set(0.0)
+            if handle.started:
+                self._left.append(handle.slot)
         self._cond.notify_all()
 
     async def push(self, handle: SlotHandle, frame: np.ndarray, arrived: float | None = None) -> None:
         """Queue one [1920] frame for the session, waiting while its inbox is full (backpressure).
 
-        ``arrived`` (``time.perf_counter()`` when the frame reached the server) travels with the
-        frame to the output of the step that consumes it, for the per-frame latency metric.
+        ``arrived`` (``time.perf_counter()`` when the frame reached the server; now when None) travels
+        with the frame to the output of the step that consumes it (latency metric, lag clock).
         """
         while True:
             with self._cond:
                 if handle.closed:
                     return
                 if len(handle.inbox) < self.inbox_frames:
+                    stamp = self.clock() if arrived is None else arrived
                     handle.inbox.append(frame)
-                    handle.arrivals.append(arrived)
+                    handle.arrivals.append(stamp)
+                    handle.last_arrival = stamp
                     self._cond.notify_all()
                     return
                 handle.space.clear()
@@ -237,28 +225,122 @@ class Scheduler:
     def _loop(self) -> None:
         failures = 0
         while True:
-            stepped = self._wait_and_gather()
-            if stepped is None:
+            tick = self._next_tick()
+            if tick is None:
                 return
             try:
-                output = self.engine.step(self._pcm)
+                output = self._step(tick)
                 failures = 0
-                self._record(stepped, output)
-                if self.tick_observer is not None:
-                    self.tick_observer(output, len(stepped))
-                self._dispatch(stepped, output)
+                self._dispatch(tick.stepped, output)
             except Exception as exc:  # noqa: BLE001 - reported to every session, then recovered from
                 failures += 1
                 logger.exception("model step failed (%d in a row); ending every active session", failures)
                 self._fail_all(exc)
                 if not self._recover(exc, failures):
                     return
+            self._check_lag()
+
+    def _next_tick(self) -> Tick | None:
+        """Block until the policy says step, then take one frame from each ready slot."""
+        with self._cond:
+            while not self._stopping:
+                self._apply_leaves_and_pack()
+                bound = [h for h in self._handles if h is not None]
+                decision = self.policy.decide(self.clock(), [h.view() for h in bound])
+                if decision.ready:
+                    return self._gather(decision.ready, decision.catch_up)
+                self._cond.wait(decision.wait_s)
+            return None
+
+    def _apply_leaves_and_pack(self) -> None:
+        """Tell the engine about ended sessions, then move sessions down into free lower slots (lock held)."""
+        if not self.packs:
+            self._left.clear()
+            return
+        for slot in self._left:
+            self.engine.leave(slot)
+        self._left.clear()
+        for dst in range(self.batch_size):
+            if self._handles[dst] is not None:
+                continue
+            src = max((s for s in range(dst + 1, self.batch_size) if self._handles[s] is not None), default=None)
+            if src is None:
+                return
+            handle = self._handles[src]
+            if handle.started:
+                self.engine.move_slot(src, dst)
+                self.engine.leave(src)
+            self._handles[dst], self._handles[src] = handle, None
+            self.metrics.session_lag.labels(str(src)).set(0.0)
+            handle.slot = dst
+
+    def _gather(self, slots: tuple[int, ...], catch_up: bool) -> Tick:
+        """Take one frame per ready slot into the step's input (lock held)."""
+        self._pcm.fill(0.0)
+        ready = np.zeros(self.batch_size, dtype=bool)  # [B]
+        stepped = []
+        for slot in slots:
+            handle = self._handles[slot]
+            behind = len(handle.inbox) > 1
+            frame, arrived = handle.take(self.frame_seconds)
+            handle.loop.call_soon_threadsafe(handle.space.set)
+            if catch_up and behind:
+                handle.frames_caught_up += 1
+            if not handle.started:
+                self.engine.join(slot, handle.request)
+                handle.started = True
+            self._pcm[slot] = frame
+            ready[slot] = True
+            stepped.append((handle, slot, arrived))
+        if not self.masked:  # a lockstep engine steps every bound slot: the others get silence
+            silent = sum(1 for h in self._handles if h is not None and h.started and not ready[h.slot])
+            self.metrics.frames_late.inc(silent)
+        return Tick(pcm=self._pcm, ready=ready, stepped=stepped, catch_up=catch_up)
+
+    def _step(self, tick: Tick):
+        start = time.perf_counter()
+        output = self.engine.step(tick.pcm, tick.ready) if self.masked else self.engine.step(tick.pcm)
+        self.policy.observe_step(time.perf_counter() - start)
+        t = output.timings
+        self.metrics.observe_step(t.encode, t.lm, t.decode)
+        self.metrics.tick_batch.observe(len(tick.stepped))
+        self.metrics.frames_in.inc(len(tick.stepped))
+        self.metrics.real_time_factor.set(self.real_time_factor)
+        if tick.catch_up:
+            self.metrics.catch_up_steps.inc()
+        if self.tick_observer is not None:
+            self.tick_observer(output, len(tick.stepped))
+        return output
+
+    def _check_lag(self) -> None:
+        """Publish every session's lag; end those past the hard bound with a kind-5 error."""
+        now = self.clock()
+        overloaded = []
+        with self._cond:
+            lags = []
+            for handle in self._handles:
+                if handle is None:
+                    continue
+                lag = handle.lag(now, self.frame_seconds)
+                lags.append(lag)
+                self.metrics.session_lag.labels(str(handle.slot)).set(lag)
+                if self.hard_lag_s > 0 and lag > self.hard_lag_s:
+                    overloaded.append((handle, lag))
+                    self._unbind(handle)
+            self.metrics.max_lag.set(max(lags, default=0.0))
+        for handle, lag in overloaded:
+            logger.warning("slot %d is %.1f s behind real time: ending it (--hard-lag-ms)", handle.slot, lag)
+            message = (f"server overloaded: your conversation fell {lag:.1f} s behind real time "
+                       f"(limit {self.hard_lag_s:g} s); try again later")
+            self._tell(handle, handle.sink.fail, message, "overloaded")
 
     def _recover(self, exc: Exception, failures: int) -> bool:
-        """End every session after a failed step and reset the engine; False = the worker cannot go on."""
+        """Reset the engine after a failed step; False = the worker cannot go on."""
         if failures <= MAX_CONSECUTIVE_FAILURES:
             try:
                 self.engine.reset_all()
+                with self._cond:
+                    self._left.clear()
                 return True
             except Exception:  # noqa: BLE001 - the engine cannot be reset: the server is broken
                 logger.exception("resetting the engine after a failed step failed")
@@ -272,87 +354,14 @@ class Scheduler:
         if self.on_fatal is not None:
             self.on_fatal(exc)
 
-    def _wait_and_gather(self) -> list[SlotHandle] | None:
-        """Block until a tick is due, then fill ``self._pcm`` and return the sessions stepped."""
-        with self._cond:
-            deadline = None
-            while not self._stopping:
-                bound = [h for h in self._handles if h is not None]
-                if not any(h.inbox for h in bound):
-                    deadline = None
-                    self._cond.wait()
-                    continue
-                awaited = [h for h in bound if h.started and not h.stalled and not h.inbox]
-                now = time.monotonic()
-                if deadline is None:  # the frames of this tick were due one frame after the last tick
-                    deadline = max(self._last_tick + self.frame_seconds, now) + self.grace_s
-                if not awaited or now >= deadline:
-                    self._last_tick = now
-                    return self._gather(bound)
-                self._cond.wait(deadline - now)
-            return None
-
-    def _gather(self, bound: list[SlotHandle]) -> list[SlotHandle]:
-        """Take one frame per session (silence for late ones); called with the lock held."""
-        self._pcm.fill(0.0)
-        stepped = []
-        for handle in bound:
-            self._drop_owed(handle)
-            if handle.inbox:
-                self._pcm[handle.slot] = handle.inbox.popleft()
-                handle.tick_arrival = handle.arrivals.popleft()
-                handle.loop.call_soon_threadsafe(handle.space.set)
-                handle.stalled = False
-                handle.silent_ticks = 0
-                handle.frames_in += 1
-                if not handle.started:
-                    self.engine.join(handle.slot, handle.sampling)
-                    handle.started = True
-            elif handle.started:
-                handle.tick_arrival = None
-                handle.stalled = True
-                handle.silent_ticks += 1
-                # Owed until paid back by a late frame; capped so that a client resuming after a long
-                # pause loses at most an inbox's worth of audio to catching up.
-                handle.owed = min(handle.owed + 1, self.inbox_frames)
-                if not handle.idle:  # concealment of a late frame: counted and sent
-                    handle.frames_late += 1
-                    self.metrics.frames_late.inc()
-            else:
-                continue  # joined, first frame not yet here: its slot's output is ignored
-            stepped.append(handle)
-        return stepped
-
-    def _drop_owed(self, handle: SlotHandle) -> None:
-        """Catch up after lateness: each silence frame stepped for the session is paid back by dropping
-        its oldest queued frame, while more than one is queued (lock held). Clients streaming faster
-        than real time never got silence, so they owe nothing and lose nothing."""
-        dropped = 0
-        while handle.owed > 0 and len(handle.inbox) > 1:
-            handle.inbox.popleft()
-            handle.arrivals.popleft()
-            handle.owed -= 1
-            dropped += 1
-        if dropped:
-            handle.frames_dropped += dropped
-            self.metrics.frames_dropped.labels("in").inc(dropped)
-
-    def _record(self, stepped: list[SlotHandle], output: StepOutput) -> None:
-        t = output.timings
-        self.metrics.observe_step(t.encode, t.lm, t.decode)
-        real = sum(1 for h in stepped if not h.stalled)
-        self.metrics.tick_batch.observe(real)
-        self.metrics.frames_in.inc(real)
-
-    def _dispatch(self, stepped: list[SlotHandle], output: StepOutput) -> None:
+    def _dispatch(self, stepped: list, output) -> None:
         """Hand each stepped session its output on its event loop."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for handle in stepped:
-            if handle.closed or handle.idle or not output.has_output[handle.slot]:
+        for handle, slot, arrived in stepped:
+            if handle.closed or not output.has_output[slot]:
                 continue
-            tokens = output.tokens[handle.slot].copy()  # [1 + dep_q]
-            text_id = int(tokens[0])
-            item = (handle, output.pcm[handle.slot].copy(), text_id, tokens, handle.tick_arrival)
+            tokens = output.tokens[slot].copy()  # [1 + dep_q]
+            item = (handle, output.pcm[slot].copy(), int(tokens[0]), tokens, arrived)
             by_loop.setdefault(handle.loop, []).append(item)
         for loop, items in by_loop.items():
             try:
@@ -378,11 +387,13 @@ class Scheduler:
                 self._unbind(handle)
         reason = failure_message(exc)
         for handle in handles:
-            try:
-                handle.loop.call_soon_threadsafe(handle.sink.fail, reason)
-            except RuntimeError:  # the loop is closed: its sessions are gone
-                pass
-            try:
-                handle.loop.call_soon_threadsafe(handle.space.set)
-            except RuntimeError:
-                pass
+            self._tell(handle, handle.sink.fail, reason)
+
+    @staticmethod
+    def _tell(handle: SlotHandle, callback, *args) -> None:
+        """Run ``callback(*args)`` on the handle's event loop and wake its feeder (the loop may be gone)."""
+        try:
+            handle.loop.call_soon_threadsafe(callback, *args)
+            handle.loop.call_soon_threadsafe(handle.space.set)
+        except RuntimeError:  # the loop is closed: its sessions are gone
+            pass

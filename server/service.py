@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from duplex.server.admission import Admission
-from duplex.server.engine import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, DuplexEngine, SlotSampling
+from duplex.server.engine import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, DuplexEngine
 from duplex.server.metrics import ServerMetrics
 from duplex.server.protocol import MODEL_VERSION, PROTOCOL_VERSION, SessionParams
+from duplex.server.request import SAMPLING_RULE, SlotRequest, resolve_request  # noqa: F401 - re-exported
 from duplex.server.scheduler import Scheduler, failure_message
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,8 @@ class ServerSettings:
     max_sessions: int = 4  # batch slots
     max_queue: int = 16  # clients allowed to wait for a slot
     max_session_seconds: float = 0.0  # 0 = no limit
-    grace_ms: float = 30.0  # how long a tick waits for a late session (see scheduler)
+    max_lag_ms: float = 1000.0  # admission waits while a session runs this far behind real time (0 = never)
+    hard_lag_ms: float = 15000.0  # a session this far behind real time ends with a kind-5 error (0 = never)
     inbox_frames: int = 8  # decoded user frames buffered per session (backpressure beyond)
     outbox_frames: int = 50  # unsent model frames before a client is dropped as too slow (4 s)
     drain_seconds: float = 2.0  # how long a finishing session may flush its output
@@ -43,9 +44,11 @@ class DuplexService:
         self.defaults = dict(models.lm_gen_defaults)
         self.engine = engine or DuplexEngine(models.mimi, models.lm, settings.max_sessions, self.defaults,
                                              device=models.device)
-        self.scheduler = Scheduler(self.engine, self.metrics, grace_s=settings.grace_ms / 1000.0,
-                                   inbox_frames=settings.inbox_frames, torch_threads=settings.torch_threads)
-        self.admission = Admission(settings.max_sessions, settings.max_queue, self.metrics)
+        self.scheduler = Scheduler(self.engine, self.metrics, inbox_frames=settings.inbox_frames,
+                                   torch_threads=settings.torch_threads, max_lag_s=settings.max_lag_ms / 1000.0,
+                                   hard_lag_s=settings.hard_lag_ms / 1000.0)
+        self.admission = Admission(settings.max_sessions, settings.max_queue, self.metrics,
+                                   accepting=self.scheduler.accepting)
         self.sessions: set = set()
         self.sample_rate = SAMPLE_RATE
         self.frame_size = FRAME_SIZE
@@ -93,9 +96,9 @@ class DuplexService:
         piece = self.models.tokenizer.piece(token_id)
         return piece or None
 
-    def sampling_for(self, params: SessionParams) -> tuple[SlotSampling, dict[str, Any]]:
+    def sampling_for(self, params: SessionParams) -> tuple[SlotRequest, dict[str, Any]]:
         """Resolve a session's query parameters against this server's defaults."""
-        return resolve_sampling(params, self.defaults)
+        return resolve_request(params, self.defaults)
 
     def session_metadata(self, session_id: str, params: SessionParams, resolved: dict) -> dict:
         """The kind-4 message sent right after the handshake."""
@@ -136,48 +139,5 @@ class DuplexService:
         }
 
 
-SAMPLING_RULE = (
-    "per stream (text, audio): its temperature, when given, decides (0 = greedy, > 0 = sampling); else its "
-    "top-k, when given, turns sampling on; else the server default applies. A parameter given for one stream "
-    "never changes the other stream's mode. Greedy streams are reported with temperature 0. text_seed and "
-    "audio_seed key the two streams' noise independently (the server picks any seed not given)."
-)
-
-
-def _stream_mode(temperature: float | None, topk: int | None, default_on: bool,
-                 default_temp: float) -> tuple[bool, float]:
-    """(samples?, temperature) of one stream: see SAMPLING_RULE."""
-    if temperature is not None:
-        return temperature > 0, float(temperature)
-    if topk is not None:
-        return True, float(default_temp)
-    return default_on, float(default_temp)
-
-
-def resolve_sampling(params: SessionParams, defaults: dict[str, Any]) -> tuple[SlotSampling, dict[str, Any]]:
-    """Resolve query parameters against sampling defaults, per stream (SAMPLING_RULE); every field explicit.
-
-    Shared by server sessions and `duplex infer`, so both sample a conversation the same way. A greedy
-    stream gets temperature 0 (the LM takes the argmax of a stream whose temperature is 0).
-    """
-    default_on = bool(defaults.get("use_sampling", True))
-    text_on, temp_text = _stream_mode(params.text_temperature, params.text_topk, default_on,
-                                      defaults.get("temp_text", 0.7))
-    audio_on, temp = _stream_mode(params.audio_temperature, params.audio_topk, default_on,
-                                  defaults.get("temp", 0.8))
-    sampling = SlotSampling(
-        use_sampling=text_on or audio_on,
-        temp=temp if audio_on else 0.0,
-        temp_text=temp_text if text_on else 0.0,
-        top_k=_pick(params.audio_topk, defaults.get("top_k", 250)),
-        top_k_text=_pick(params.text_topk, defaults.get("top_k_text", 25)),
-        text_seed=_pick(params.text_seed, secrets.randbits(62)),
-        audio_seed=_pick(params.audio_seed, secrets.randbits(62)),
-    )
-    resolved = {name: value for name, value in asdict(sampling).items() if name != "seed"}
-    resolved.update(text_sampling=text_on, audio_sampling=audio_on)
-    return sampling, resolved
-
-
-def _pick(value, default):
-    return default if value is None else value
+# The per-slot request and its defaults live in duplex.server.request (kept here for older imports).
+resolve_sampling = resolve_request

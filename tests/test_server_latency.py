@@ -90,12 +90,13 @@ def test_a_frame_held_back_by_the_opus_writer_is_timed_with_the_page_that_carrie
     async def main():
         service = DuplexService(models, ServerSettings(max_sessions=1))
         session = Session(IdleWebSocket(), service)
-        session._opus_out = HoldingWriter()
+        session.outbound.opus_out = HoldingWriter()
         silence = np.zeros(FRAME, dtype=np.float32)
         tokens = np.zeros(9, dtype=np.int64)
-        for arrived in (1.0, None, 2.0, 3.0):  # None: a tick where the client's frame was late
+        for arrived in (1.0, None, 2.0, 3.0):  # None: an output without a user frame's stamp
             session.deliver(silence, 0, tokens, arrived)
-        return [session.outbox.get_nowait() for _ in range(session.outbox.qsize())]
+        outbox = session.outbound.outbox
+        return [outbox.get_nowait() for _ in range(outbox.qsize())]
 
     items = asyncio.run(main())
     page = protocol.encode_audio(b"OggS-page")

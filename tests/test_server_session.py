@@ -168,7 +168,7 @@ def test_every_queued_message_counts_against_the_slow_client_limit(models):
     async def main():
         service = DuplexService(models, ServerSettings(max_sessions=1, outbox_frames=3, send_tokens=True))
         session = Session(ScriptedWebSocket(frames=0), service)
-        session._opus_out = SilentWriter()
+        session.outbound.opus_out = SilentWriter()
         text_id = next(i for i in range(4, 100) if service.text_piece(i))
         tokens = np.zeros(9, dtype=np.int64)
         for _ in range(100):
@@ -176,8 +176,8 @@ def test_every_queued_message_counts_against_the_slow_client_limit(models):
         return session
 
     session = asyncio.run(main())
-    assert session._end_reason == "slow_client"
-    assert session.outbox.qsize() <= 3 * 3 + 2  # checked before each frame (up to 3 messages)
+    assert session.end_reason == "slow_client"
+    assert session.outbound.outbox.qsize() <= 3 * 3 + 2  # checked before each frame (up to 3 messages)
 
 
 def test_a_full_scheduler_after_admission_rejects_the_client_and_releases_the_slot(models, caplog):
@@ -207,21 +207,21 @@ def test_frames_out_counts_model_frames_once_their_audio_is_sent(models):
         service = DuplexService(models, ServerSettings(max_sessions=1, outbox_frames=50))
         ws = ScriptedWebSocket(frames=0, reads_after=reads_after)
         session = Session(ws, service)
-        sender = asyncio.ensure_future(session._send_loop())
+        sender = asyncio.ensure_future(session.outbound.send_loop(lambda: session.finish("client_closed")))
         for i in range(12):
             session.deliver(synth_audio(1, i), 0, np.zeros(9, dtype=np.int64))
             await asyncio.sleep(0)
-        session._end_reason = "client_closed"  # no flush: what is unsent is dropped
+        session.end_reason = "client_closed"  # no flush: what is unsent is dropped
         await session._drain_and_close(sender)
         pages = sum(1 for m in ws.sent if m[0] == protocol.MessageKind.AUDIO)
         return service.metrics, session, pages
 
     metrics, session, pages = asyncio.run(main(reads_after=10**6))  # reads everything
-    held = session._unpaged_frames  # still inside the Opus writer: neither sent nor dropped
+    held = session.outbound.unpaged_frames  # still inside the Opus writer: neither sent nor dropped
     assert pages > 0 and metrics.frames_out._value.get() == 12 - held == session.record.frames_out
     assert metrics.frames_dropped.labels("out")._value.get() == 0
 
     metrics, session, pages = asyncio.run(main(reads_after=3))  # reads the first 3 messages only
     sent, dropped = metrics.frames_out._value.get(), metrics.frames_dropped.labels("out")._value.get()
     assert pages == 3 and 3 <= sent < 12 and dropped > 0
-    assert sent + dropped + session._unpaged_frames == 12
+    assert sent + dropped + session.outbound.unpaged_frames == 12

@@ -1,0 +1,140 @@
+"""A session's way in: the socket reader, Ogg/Opus decode, framing, the receive buffer and the feeder.
+
+The *reader* reads the socket continuously, parses each message (:mod:`duplex.server.protocol`),
+decodes kind-1 Ogg/Opus and cuts it into 80 ms frames put in a bounded receive buffer
+(:data:`RECEIVE_BUFFER_FRAMES`); the *feeder* pushes them to the scheduler, which applies
+backpressure. The reader stops reading only while the receive buffer is full (TCP backpressure for
+clients faster than real time), so a hang-up is seen as soon as it reaches the server.
+While a client is queued its audio is not decoded: only the Opus header pages are kept (so that
+the stream decodes once the session starts), the rest is discarded unread. No message may decode
+to more than :data:`MAX_DECODED_SECONDS_PER_MESSAGE` (checked from the packets' headers before
+decoding: a 150-byte page can otherwise carry seconds of audio).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+import sphn
+
+from duplex.server import protocol
+from duplex.server.frames import FrameAssembler, OggFormatError, ogg_header_pages, ogg_opus_seconds
+from duplex.server.protocol import MessageKind, ProtocolError
+
+logger = logging.getLogger(__name__)
+
+# Decoded user frames a session buffers between its socket and the scheduler (20 s, 7.7 kB each).
+# Beyond it the session stops reading its socket: a hang-up is seen late only once a client is
+# more than this (plus the scheduler inbox) ahead of the model.
+RECEIVE_BUFFER_FRAMES = 250
+MAX_DECODED_SECONDS_PER_MESSAGE = 2.0  # a client sends one 80 ms frame per message
+MAX_HEADER_PAGES = 4  # header pages kept while queued (a stream has 2)
+
+
+class Inbound:
+    """Reads, decodes and frames one client's audio."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.service = session.service
+        self.received: asyncio.Queue[tuple[np.ndarray, float]] = asyncio.Queue(RECEIVE_BUFFER_FRAMES)
+        self.opus_in = sphn.OpusStreamReader(self.service.sample_rate)
+        self.frames = FrameAssembler(self.service.frame_size)
+        self.discarded_bytes = 0  # audio bytes received while queued and never decoded
+        self._headers: list[bytes] = []  # Opus header pages received while queued
+
+    def parse(self, message: dict) -> protocol.Message:
+        data = message.get("bytes")
+        if data is None:
+            raise ProtocolError("text frames are not supported: send binary messages (kind byte + payload)")
+        self.session.record.bytes_in += len(data)
+        self.service.metrics.bytes.labels("in").inc(len(data))
+        return protocol.parse_message(data, self.service.settings.max_message_bytes)
+
+    def audio_seconds(self, ogg: bytes) -> float:
+        """Seconds the message would decode to; ProtocolError when it is not Ogg or over the cap."""
+        try:
+            seconds = ogg_opus_seconds(ogg)
+        except OggFormatError as exc:
+            raise ProtocolError(f"audio is not a valid Ogg/Opus stream: {exc}") from None
+        if seconds > MAX_DECODED_SECONDS_PER_MESSAGE:
+            raise ProtocolError(f"one audio message may carry at most {MAX_DECODED_SECONDS_PER_MESSAGE:g} s "
+                                f"of audio, this one carries {seconds:.2f} s")
+        return seconds
+
+    def decode(self, ogg: bytes) -> np.ndarray:
+        """Ogg/Opus bytes -> [N] float32 PCM (N may be 0), within the per-message cap."""
+        self.audio_seconds(ogg)
+        try:
+            pcm = self.opus_in.append_bytes(ogg)
+        except Exception as exc:  # noqa: BLE001 - sphn raises ValueError/OSError for bad streams
+            raise ProtocolError(f"audio is not a valid Ogg/Opus stream: {exc}") from None
+        return np.asarray(pcm, dtype=np.float32)
+
+    def keep_while_queued(self, ogg: bytes) -> None:
+        """A queued client's audio: keep the stream's header pages, discard the rest undecoded."""
+        seconds = self.audio_seconds(ogg)
+        self.service.metrics.frames_dropped.labels("in").inc(seconds * self.service.sample_rate
+                                                            / self.service.frame_size)
+        headers = ogg_header_pages(ogg)
+        if len(self._headers) + len(headers) > MAX_HEADER_PAGES:
+            raise ProtocolError("audio stream sends Opus headers again and again")
+        self._headers.extend(headers)
+        self.discarded_bytes += len(ogg) - sum(len(p) for p in headers)
+
+    def start_stream(self) -> None:
+        """The session starts: decode the header pages kept while queued."""
+        for page in self._headers:
+            self.decode(page)
+        self._headers.clear()
+
+    async def read_while_queued(self) -> str | None:
+        """Until the client disconnects (None) or breaks the protocol (the error): read its messages."""
+        while True:
+            message = await self.session.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return None
+            try:
+                parsed = self.parse(message)
+                if parsed.kind is MessageKind.AUDIO:
+                    self.keep_while_queued(parsed.payload)
+            except ProtocolError as exc:
+                return str(exc)
+
+    async def receive_loop(self) -> None:
+        """The reader: socket -> receive buffer, until the client leaves or breaks the protocol."""
+        session = self.session
+        try:
+            while not session.done.is_set():
+                message = await session.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    session.finish("client_closed")
+                    return
+                await self.on_message(message)
+        except ProtocolError as exc:
+            session.finish("bad_input", str(exc))
+        except Exception:  # noqa: BLE001 - a broken socket ends only this session
+            logger.debug("session %s: receive failed", session.id, exc_info=True)
+            session.finish("client_closed")
+
+    async def on_message(self, message: dict) -> None:
+        parsed = self.parse(message)
+        if parsed.kind is MessageKind.AUDIO:
+            arrived = time.perf_counter()
+            for frame in self.frames.add(self.decode(parsed.payload)):
+                await self.received.put((frame, arrived))  # waits (stops reading) while the buffer is full
+        # control, ping, client-sent handshake/text/metadata/error and unknown kinds: ignored
+
+    async def feed_loop(self) -> None:
+        """The feeder: receive buffer -> scheduler inbox, waiting while the inbox is full."""
+        session = self.session
+        try:
+            while True:
+                frame, arrived = await self.received.get()
+                await self.service.scheduler.push(session.handle, frame, arrived)
+        except Exception as exc:  # noqa: BLE001 - ends only this session
+            logger.exception("session %s: feeding the scheduler failed", session.id)
+            session.finish("server_error", f"server error: {type(exc).__name__}")

@@ -1,0 +1,122 @@
+"""A session's way out: Opus encode, the bounded outbox, the sender, and the slow-client rule.
+
+A model frame counts as sent (``duplex_frames_out``) once the send of the Ogg page carrying it
+completed; frames still unsent when the session ends count as dropped (out). Latency: the arrival
+stamp of the user frame a step consumed is observed when the page carrying its output was sent (a
+frame the Opus writer held back is timed with the next page).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+import numpy as np
+import sphn
+
+from duplex.server import protocol
+from duplex.server.protocol import MessageKind
+
+logger = logging.getLogger(__name__)
+
+# A model frame queues up to 3 messages (audio page, text piece, token ids), so a client is "too slow"
+# once it leaves ``outbox_frames`` audio pages or 3x that many messages of any kind unsent.
+MESSAGES_PER_FRAME = 3
+
+
+class Outbound:
+    """Everything a session sends after the handshake goes through here."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+        service = session.service
+        self.service = service
+        # (message, arrival times of the user frames whose output it carries, model frames it carries);
+        # None = stop sending
+        self.outbox: asyncio.Queue[tuple[bytes, list[float], int] | None] = asyncio.Queue()
+        self.audio_queued = 0  # audio messages in the outbox
+        self.frames_unsent = 0  # model frames in audio messages queued or being sent (not sent yet)
+        self.queued = 0  # messages of any kind in the outbox (bounded: see deliver)
+        self.unsent_arrivals: list[float] = []  # frames handed to the Opus writer, no page out yet
+        self.unpaged_frames = 0  # model frames handed to the Opus writer, no page out yet
+        self.opus_out = sphn.OpusStreamWriter(service.sample_rate)
+
+    def too_slow(self) -> str | None:
+        """The kind-5 text when the client left too much output unread, else None."""
+        limit = self.service.settings.outbox_frames
+        if self.audio_queued >= limit or self.queued >= limit * MESSAGES_PER_FRAME:
+            frames = max(self.audio_queued, self.queued // MESSAGES_PER_FRAME)
+            seconds = frames * self.service.frame_size / self.service.sample_rate
+            return f"client too slow: {seconds:.1f} s of model output not read"
+        return None
+
+    def deliver(self, pcm: np.ndarray, text_id: int, tokens: np.ndarray, arrived: float | None,
+                finish: Callable[[str, str], None]) -> None:
+        """Queue one output frame (Opus audio, text piece, optionally token ids) for sending."""
+        slow = self.too_slow()
+        if slow is not None:
+            finish("slow_client", slow)
+            return
+        if arrived is not None:
+            self.unsent_arrivals.append(arrived)
+        self.unpaged_frames += 1
+        ogg = self.opus_out.append_pcm(pcm)
+        if ogg:
+            self.enqueue(protocol.encode_audio(ogg), self.unsent_arrivals, self.unpaged_frames)
+            self.unsent_arrivals = []
+            self.audio_queued += 1
+            self.frames_unsent += self.unpaged_frames
+            self.unpaged_frames = 0
+        piece = self.service.text_piece(text_id)
+        if piece:
+            self.enqueue(protocol.encode_text(piece))
+        if self.service.settings.send_tokens:
+            self.enqueue(protocol.encode_metadata({"type": "tokens", "tokens": tokens.tolist()}))
+
+    def enqueue(self, data: bytes, arrivals: list[float] | None = None, frames: int = 0) -> None:
+        """Queue one message for the sender (counted against the slow-client limit); ``frames``: the
+        model frames an audio message carries (counted as sent once it is)."""
+        self.outbox.put_nowait((data, arrivals or [], frames))
+        self.queued += 1
+
+    async def send_loop(self, on_gone: Callable[[], None]) -> None:
+        """The sender: outbox -> socket, until a None item or the client is gone."""
+        while True:
+            item = await self.outbox.get()
+            if item is None:
+                return
+            data, arrivals, frames = item
+            self.queued -= 1
+            if data[0] == MessageKind.AUDIO:
+                self.audio_queued -= 1
+            try:
+                await self.session.send_now(data)
+            except Exception:  # noqa: BLE001 - the client went away (its frames count as dropped)
+                logger.debug("session %s: send failed", self.session.id, exc_info=True)
+                on_gone()
+                return
+            if frames:
+                self.frames_unsent -= frames
+                self.session.record.frames_out += frames
+                self.service.metrics.frames_out.inc(frames)
+            if arrivals:
+                sent = time.perf_counter()
+                for arrived in arrivals:
+                    self.service.metrics.observe_frame_latency(sent - arrived)
+
+    async def flush(self, sender: asyncio.Future, flush: bool) -> None:
+        """Let the sender flush the outbox (bounded by drain_seconds) unless ``flush`` is False, then stop it
+        and count the model frames never sent as dropped (out)."""
+        if flush:
+            self.outbox.put_nowait(None)
+            try:
+                await asyncio.wait_for(sender, timeout=self.service.settings.drain_seconds)
+            except Exception:  # noqa: BLE001 - timeout or a socket gone while flushing
+                logger.debug("session %s: output not fully flushed", self.session.id, exc_info=True)
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        if self.frames_unsent > 0:
+            self.session.record.frames_dropped_out += self.frames_unsent
+            self.service.metrics.frames_dropped.labels("out").inc(self.frames_unsent)

@@ -1,0 +1,87 @@
+"""The scheduler's tick policy: which slots step now, decided from the slots' queues and a clock.
+
+Pure and deterministic (no threads, no engine, no wall clock of its own): the worker asks
+:meth:`TickPolicy.decide` with the current time and one :class:`SlotView` per bound slot, and
+either steps the slots it names or waits at most the time it says. The rules (README, "Timing"):
+
+- Only slots with a queued frame step; each consumes exactly one frame. A slot without a frame is
+  not stepped (no silence is ever stepped for it) and produces nothing: a client that stops
+  sending pauses its own conversation.
+- Catch-up: when a ready slot is behind (more than one frame queued, or its oldest frame waited a
+  whole frame period) the step runs at once, so a backlog is worked off in back-to-back steps.
+- Coalescing: otherwise the step may wait for other running slots whose next frame is due soon,
+  but never longer than ``window`` after the oldest ready frame arrived (one step's compute,
+  estimated from recent steps). A frame therefore waits at most one step's compute before its
+  step starts: either the step running when it arrived, or the coalescing window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PAUSED_AFTER_FRAMES = 2.0  # a slot silent for this many frame periods is not waited for
+
+
+@dataclass(frozen=True)
+class SlotView:
+    """What the policy sees of one bound slot."""
+
+    slot: int
+    queued: int  # frames waiting to be stepped
+    oldest_arrival: float | None = None  # arrival of the oldest queued frame
+    last_arrival: float | None = None  # arrival of the newest frame received (queued or stepped)
+
+
+@dataclass(frozen=True)
+class TickDecision:
+    """Step ``ready`` now, or (``ready`` empty) wait at most ``wait_s`` (None: until a frame arrives)."""
+
+    ready: tuple[int, ...] = ()
+    wait_s: float | None = None
+    catch_up: bool = False  # stepped at once because a ready slot is behind
+
+
+class TickPolicy:
+    """Decides ticks; keeps a running estimate of one step's compute."""
+
+    def __init__(self, frame_seconds: float = 0.08, initial_step_s: float = 0.0, smoothing: float = 0.2) -> None:
+        self.frame_seconds = frame_seconds
+        self.step_estimate = initial_step_s
+        self.smoothing = smoothing
+        self._observed = False
+
+    def observe_step(self, seconds: float) -> None:
+        """Record the compute time of a step just run (exponential moving average)."""
+        if not self._observed:
+            self.step_estimate, self._observed = seconds, True
+        else:
+            self.step_estimate += self.smoothing * (seconds - self.step_estimate)
+
+    @property
+    def window(self) -> float:
+        """The longest a ready frame waits for others: one step's compute, at most a quarter frame."""
+        return min(self.step_estimate, self.frame_seconds / 4)
+
+    def decide(self, now: float, slots: list[SlotView]) -> TickDecision:
+        ready = [v for v in slots if v.queued > 0]
+        if not ready:
+            return TickDecision()
+        step_now = TickDecision(ready=tuple(v.slot for v in ready))
+        if any(self._behind(now, v) for v in ready):
+            return TickDecision(ready=step_now.ready, catch_up=True)
+        deadline = min(v.oldest_arrival if v.oldest_arrival is not None else now for v in ready) + self.window
+        if now >= deadline or not any(self._due_before(now, v, deadline) for v in slots if v.queued == 0):
+            return step_now
+        return TickDecision(wait_s=deadline - now)
+
+    def _behind(self, now: float, view: SlotView) -> bool:
+        return view.queued > 1 or (view.oldest_arrival is not None
+                                   and now - view.oldest_arrival >= self.frame_seconds)
+
+    def _due_before(self, now: float, view: SlotView, deadline: float) -> bool:
+        """A running slot (not paused) whose next frame is due by ``deadline``: worth waiting for."""
+        if view.last_arrival is None:
+            return False
+        if now - view.last_arrival > PAUSED_AFTER_FRAMES * self.frame_seconds:
+            return False
+        return view.last_arrival + self.frame_seconds <= deadline
