@@ -33,7 +33,7 @@ def load_tiny_models(fixtures_dir: Path, tokenizer_path: Path):
 
 class SlowFakeEngine:
     """Stands in for DuplexEngine: sleeps ``step_seconds`` per step, echoes the input at half volume,
-    every slot has output every step (no first frame rule, no delay), text token 0 (never sent)."""
+    every ready slot has output (no first frame rule, no delay), text token 0 (never sent)."""
 
     def __init__(self, batch_size: int, step_seconds: float) -> None:
         self.batch_size = batch_size
@@ -44,14 +44,21 @@ class SlowFakeEngine:
     def join(self, slot: int, sampling=None) -> None:
         pass
 
-    def step(self, pcm: np.ndarray):
+    def leave(self, slot: int) -> None:
+        pass
+
+    def move_slot(self, src: int, dst: int) -> None:
+        pass
+
+    def step(self, pcm: np.ndarray, ready: np.ndarray | None = None):
         from duplex.server.engine import StepOutput, StepTimings
 
         time.sleep(self.step_seconds)
         self.steps += 1
         b = self.batch_size
+        has_output = np.ones(b, dtype=bool) if ready is None else np.asarray(ready, dtype=bool).copy()
         return StepOutput(pcm=0.5 * pcm, tokens=np.zeros((b, 9), dtype=np.int64),
-                          has_output=np.ones(b, dtype=bool), timings=StepTimings(lm=self.step_seconds))
+                          has_output=has_output, timings=StepTimings(lm=self.step_seconds))
 
 
 def reference_server_run(models, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -28,11 +28,11 @@ class FailingEngine(SlowFakeEngine):
         self.reset_works = reset_works
         self.resets = 0
 
-    def step(self, pcm: np.ndarray):
+    def step(self, pcm: np.ndarray, ready: np.ndarray | None = None):
         if self.steps + 1 == self.fail_at:
             self.steps += 1
             raise RuntimeError("boom")
-        return super().step(pcm)
+        return super().step(pcm, ready)
 
     def reset_all(self) -> None:
         self.resets += 1
