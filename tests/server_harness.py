@@ -130,13 +130,25 @@ class Transcript:
         self.errors: list[str] = []
 
 
+def jittered_schedule(frames: int, jitter: float, seed: int) -> list[float]:
+    """Send offsets (s) of a real-time client whose frames are each delayed by up to ``jitter``, order
+    kept (as over TCP on Wi-Fi or mobile networks)."""
+    rng, times, latest = np.random.default_rng(seed), [], 0.0
+    for i in range(frames):
+        latest = max(latest, i * 0.08 + float(rng.uniform(0.0, jitter)))
+        times.append(latest)
+    return times
+
+
 async def converse(url: str, pcm: np.ndarray, params=None, realtime: bool = False,
-                   timeout: float = 60.0, ready: asyncio.Barrier | None = None) -> Transcript:
+                   timeout: float = 60.0, ready: asyncio.Barrier | None = None,
+                   schedule: list[float] | None = None) -> Transcript:
     """Stream ``pcm`` (then close) and collect every output frame of a token-exposing server.
 
     With N input frames the tiny LM's acoustic delay of one step (the first frame's step, whose
     codes have no effect) leaves N - 1 output frames; the client closes once it has them all.
-    With ``ready``, every client of the barrier is connected before any of them sends.
+    With ``ready``, every client of the barrier is connected before any of them sends. ``schedule``:
+    the send time of each frame (seconds after the start), e.g. from :func:`jittered_schedule`.
     """
     client = await DuplexClient.connect(url, params=params, timeout=timeout)
     if ready is not None:  # start sending together with the other clients of the barrier
@@ -145,7 +157,10 @@ async def converse(url: str, pcm: np.ndarray, params=None, realtime: bool = Fals
     result = Transcript()
 
     async def send() -> None:
+        start = time.monotonic()
         for i in range(pcm.size // FRAME):
+            if schedule is not None:
+                await asyncio.sleep(max(0.0, start + schedule[i] - time.monotonic()))
             await client.send_pcm(pcm[i * FRAME:(i + 1) * FRAME])
             await asyncio.sleep(0.08 if realtime else 0)
 
