@@ -1,12 +1,14 @@
 """`duplex bench serve`: N real-time websocket clients against one batched server.
 
 For each N in ``--sessions``: a server with ``--max-sessions N`` runs in this process (uvicorn in a
-thread); a separate client process opens N websocket connections over loopback, each streaming
-audio in real time (one 80 ms Ogg/Opus frame every 80 ms, random phases) and counting the model
-frames it gets back. The server's scheduler reports every tick's encode / LM / decode time.
-Printed per N: tick latency median / p99 by stage, late and dropped frames, whether all N
-sessions were held in real time (p99 tick < 80 ms, no late, dropped or missing frame), peak
-CPU RSS and GPU memory, and the cost of one batched tick against N sequential single-slot steps.
+thread); a separate client process opens N websocket connections over loopback, each streaming its
+own audio in real time (one 80 ms Ogg/Opus frame every 80 ms, random phases; with ``--jitter MS``
+every odd-numbered session's frames are delayed by up to MS, order kept) and recording the model's
+token ids and when each answer came back. Each session's input is also run alone, offline, on a
+single-slot engine: its *solo* answer. Printed per N: step cost by stage (median / p99), whether all
+N sessions were held in real time, memory, the cost of one batched tick against N single-slot steps;
+and per session: text tokens equal to its solo run (%), frames stepped as silence and user frames
+dropped (both must be 0), and the answer latency p50 / p99 (send of a frame -> its answer received).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default Moshi 7B) and --mimi-config (default published Mimi); files: the model flags")
     parser.add_argument("--fixtures", type=Path, default=None,
                         help="fixtures folder for --preset tiny (default: $DUPLEX_FIXTURES or ../shared/fixtures)")
-    parser.add_argument("--grace-ms", type=float, default=30.0, help="scheduler grace period (default: 30)")
+    parser.add_argument("--jitter", type=float, default=0.0, metavar="MS",
+                        help="delay each frame of every odd-numbered session by a uniform 0..MS ms, order kept "
+                        "(network jitter; default: 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the model worker")
     parser.add_argument("--compare-steps", type=int, default=30,
                         help="timed engine steps for the batched vs sequential comparison (default: 30)")
@@ -64,6 +68,7 @@ class RunResult:
     gpu_mb: float
     batched_ms: float
     single_ms: float
+    per_session: list = field(default_factory=list)  # SessionResult per client
 
     def stage(self, index: int | None) -> tuple[float, float]:
         """(median, p99) milliseconds of one stage (None = total)."""
@@ -89,9 +94,10 @@ def main(args: argparse.Namespace) -> int:
     models = load_bench_models(args)
     audio = bench_audio(args.input, args.seconds)
     print(f"model {models.model_name} on {models.device} ({str(models.dtype).replace('torch.', '')}), "
-          f"{args.seconds:g} s of audio per client, grace {args.grace_ms:g} ms")
+          f"{args.seconds:g} s of audio per client, jitter {args.jitter:g} ms on odd-numbered sessions")
     results = [run_one(models, n, audio, args) for n in counts]
     print_table(results)
+    print_sessions(results)
     return 0
 
 
@@ -170,17 +176,17 @@ def bench_audio(path: Path | None, seconds: float) -> np.ndarray:
 
 
 def run_one(models, sessions: int, audio: np.ndarray, args: argparse.Namespace) -> RunResult:
-    """One server with ``sessions`` slots and as many real-time clients."""
+    """One server with ``sessions`` slots and as many real-time clients (odd ones jittered)."""
     import torch
 
     from duplex.client.bench_support import ServerThread
     from duplex.server.app import create_app
+    from duplex.server.bench_sessions import SessionLog, session_audio, solo_text, summarise
     from duplex.server.service import ServerSettings
 
     if models.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(models.device)
-    settings = ServerSettings(max_sessions=sessions, max_queue=0,
-                              torch_threads=args.threads)
+    settings = ServerSettings(max_sessions=sessions, max_queue=0, torch_threads=args.threads, send_tokens=True)
     app = create_app(models, settings)
     service = app.state.service
     ticks: list = []
@@ -194,24 +200,39 @@ def run_one(models, sessions: int, audio: np.ndarray, args: argparse.Namespace) 
         ticks.append((t.encode, t.lm, t.decode))
 
     service.scheduler.tick_observer = observe
-    with ServerThread(app=app) as server:
-        outcome = _run_clients(server.url, sessions, audio)
+    log = SessionLog()
+    session_logger = logging.getLogger("duplex.server.sessions")
+    session_logger.addHandler(log)
+    session_logger.setLevel(logging.INFO)
+    session_logger.propagate = False  # collected, not printed (one line per client is noise here)
+    try:
+        with ServerThread(app=app) as server:
+            runs = _run_clients(server.url, sessions, audio, args.jitter)
+            deadline = time.monotonic() + 5
+            while len(log.records) < sessions and time.monotonic() < deadline:
+                time.sleep(0.02)
+    finally:
+        session_logger.removeHandler(log)
+        session_logger.propagate = True
     metrics = service.metrics
     expected = audio.size // FRAME - 1
+    delay = models.lm.config.max_delay
+    per_session = [summarise(run, solo_text(models, session_audio(audio, run.index), run.index),
+                             log.records.get(run.session_id), delay) for run in runs]
     result = RunResult(
         sessions=sessions, ticks=ticks, late=metrics.frames_late._value.get(),
-        dropped=metrics.frames_dropped.labels("out")._value.get(),
-        missing=sum(max(0, expected - got) for got, _ in outcome), errors=[e for _, e in outcome if e],
+        dropped=metrics.frames_dropped.labels("out")._value.get() + sum(max(0, r.dropped) for r in per_session),
+        missing=sum(max(0, expected - len(run.text)) for run in runs), errors=[run.error for run in runs if run.error],
         rss_mb=psutil.Process().memory_info().rss / 2**20,
         gpu_mb=torch.cuda.max_memory_allocated(models.device) / 2**20 if models.device.type == "cuda" else 0.0,
-        batched_ms=0.0, single_ms=0.0,
+        batched_ms=0.0, single_ms=0.0, per_session=per_session,
     )
     result.batched_ms = engine_step_ms(service.engine, args.compare_steps)
     del app, service
     gc.collect()
     result.single_ms = engine_step_ms(None, args.compare_steps, models=models)
     print(f"  N={sessions}: tick p50 {result.stage(None)[0]:.1f} ms, p99 {result.stage(None)[1]:.1f} ms, "
-          f"late {result.late:g}, dropped {result.dropped:g}, missing {result.missing}", flush=True)
+          f"silence {result.late:g}, dropped {result.dropped:g}, missing {result.missing}", flush=True)
     return result
 
 
@@ -234,11 +255,11 @@ def engine_step_ms(engine, steps: int, models=None) -> float:
     return statistics.median(times) * 1e3
 
 
-def _run_clients(url: str, sessions: int, audio: np.ndarray) -> list[tuple[int, str]]:
-    """Run the clients in a child process (its own GIL); (frames received, error) per client."""
+def _run_clients(url: str, sessions: int, audio: np.ndarray, jitter_ms: float) -> list:
+    """Run the clients in a child process (its own GIL); one ClientRun per client."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_client_process, args=(url, sessions, audio, queue), daemon=True)
+    process = context.Process(target=_client_process, args=(url, sessions, audio, jitter_ms, queue), daemon=True)
     process.start()
     timeout = audio.size / 24000.0 + 60
     try:
@@ -247,51 +268,31 @@ def _run_clients(url: str, sessions: int, audio: np.ndarray) -> list[tuple[int, 
         process.join(10)
 
 
-def _client_process(url: str, sessions: int, audio: np.ndarray, queue) -> None:
-    queue.put(asyncio.run(_clients(url, sessions, audio)))
+def _client_process(url: str, sessions: int, audio: np.ndarray, jitter_ms: float, queue) -> None:
+    queue.put(asyncio.run(_clients(url, sessions, audio, jitter_ms)))
 
 
-async def _clients(url: str, sessions: int, audio: np.ndarray) -> list[tuple[int, str]]:
+async def _clients(url: str, sessions: int, audio: np.ndarray, jitter_ms: float) -> list:
+    from duplex.server.bench_sessions import jitter_of, run_client, session_audio
+
     rng = np.random.default_rng(sessions)
-    return list(await asyncio.gather(*(_one_client(url, audio, float(rng.uniform(0, FRAME_SECONDS)))
-                                       for _ in range(sessions))))
+    return list(await asyncio.gather(*(
+        run_client(url, i, session_audio(audio, i), jitter_of(i, jitter_ms), float(rng.uniform(0, FRAME_SECONDS)),
+                   seed=1000 * sessions + i)
+        for i in range(sessions))))
 
 
-async def _one_client(url: str, audio: np.ndarray, phase: float) -> tuple[int, str]:
-    """Stream ``audio`` in real time; count the model's audio frames."""
-    from duplex.client.client import AudioEvent, DuplexClient, ErrorEvent
+def print_sessions(results: list[RunResult]) -> None:
+    """The per-session table (text equal to solo, silence, dropped, latency, the step cost at that load)."""
+    from duplex.server.bench_sessions import print_session_table
 
-    try:
-        client = await DuplexClient.connect(url, timeout=30)
-    except Exception as exc:  # noqa: BLE001 - reported in the table
-        return 0, str(exc)
-    received, error = [0], [""]
-
-    async def read() -> None:
-        async for event in client:
-            if isinstance(event, AudioEvent):
-                received[0] += 1
-            elif isinstance(event, ErrorEvent):
-                error[0] = event.message
-
-    reader = asyncio.ensure_future(read())
-    await asyncio.sleep(phase)
-    start = time.monotonic()
-    frames = audio.size // FRAME
-    for i in range(frames):
-        await asyncio.sleep(max(0.0, start + i * FRAME_SECONDS - time.monotonic()))
-        await client.send_pcm(audio[i * FRAME:(i + 1) * FRAME])
-    deadline = time.monotonic() + 2.0
-    while received[0] < frames - 1 and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
-    await client.close()
-    reader.cancel()
-    return received[0], error[0]
+    print()
+    print_session_table([(r.sessions, r.stage(None)[0], s) for r in results for s in r.per_session])
 
 
 def print_table(results: list[RunResult]) -> None:
     """The benchmark table (milliseconds)."""
-    header = ("N", "ticks", "encode p50/p99", "LM p50/p99", "decode p50/p99", "tick p50/p99", "late", "dropped",
+    header = ("N", "ticks", "encode p50/p99", "LM p50/p99", "decode p50/p99", "tick p50/p99", "silence", "dropped",
               "real-time", "RSS MB", "GPU MB", "batched", "N x single", "speedup")
     rows = []
     for r in results:

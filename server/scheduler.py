@@ -293,8 +293,10 @@ class Scheduler:
             ready[slot] = True
             stepped.append((handle, slot, arrived))
         if not self.masked:  # a lockstep engine steps every bound slot: the others get silence
-            silent = sum(1 for h in self._handles if h is not None and h.started and not ready[h.slot])
-            self.metrics.frames_late.inc(silent)
+            for handle in self._handles:
+                if handle is not None and handle.started and not ready[handle.slot]:
+                    handle.frames_silence += 1
+                    self.metrics.frames_late.inc()
         return Tick(pcm=self._pcm, ready=ready, stepped=stepped, catch_up=catch_up)
 
     def _step(self, tick: Tick):

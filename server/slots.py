@@ -37,6 +37,7 @@ class SlotHandle:
     closed: bool = False
     frames_in: int = 0  # user frames stepped
     frames_caught_up: int = 0  # frames stepped in catch-up steps (the slot was behind)
+    frames_silence: int = 0  # steps that advanced it with silence (only with an engine without a ready mask)
     last_arrival: float | None = None
     due: float | None = None  # when real-time playback needed the last stepped frame's answer (lag clock)
     space: asyncio.Event = field(default_factory=asyncio.Event)

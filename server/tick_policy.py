@@ -59,8 +59,8 @@ class TickPolicy:
 
     @property
     def window(self) -> float:
-        """The longest a ready frame waits for others: one step's compute, at most a quarter frame."""
-        return min(self.step_estimate, self.frame_seconds / 4)
+        """The longest a ready frame waits for others: one step's compute (at most a frame period)."""
+        return min(self.step_estimate, self.frame_seconds)
 
     def decide(self, now: float, slots: list[SlotView]) -> TickDecision:
         ready = [v for v in slots if v.queued > 0]

@@ -60,10 +60,14 @@ def test_bench_serve_prints_the_table(fixtures_dir, capsys):
     parser = argparse.ArgumentParser()
     bench_serve.add_arguments(parser)
     args = parser.parse_args(["--sessions", "1,2", "--seconds", "1.2", "--compare-steps", "3", "--threads", "1",
-                              "--fixtures", str(fixtures_dir)])
+                              "--fixtures", str(fixtures_dir), "--jitter", "100"])
     assert bench_serve.main(args) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| N ")]
-    assert [row.split("|")[1].strip() for row in rows] == ["1", "2"]
+    assert [row.split("|")[1].strip() for row in rows] == ["1", "2", "1", "2", "2"]  # per N, then per session
+    sessions = [[cell.strip() for cell in row.split("|")[1:-1]] for row in rows[2:]]
+    assert [(s[1], s[2]) for s in sessions] == [("0", "0"), ("0", "0"), ("1", "100")]  # session, jitter ms
+    assert "text = solo" in out and "latency p50/p99 ms" in out
+    assert all(s[5] == "0" for s in sessions)  # no user frame dropped
     assert "encode p50/p99" in out and "N x single" in out
     assert "client errors" not in out

@@ -187,3 +187,29 @@ def test_sessions_are_packed_into_the_lowest_slots_without_changing_their_output
     assert engine.requests[0] == SlotRequest(seed=2)  # the request moved with the state
     assert sinks[2].frames == expected(2, 12) and sinks[1].frames == expected(1, 12)
     assert ("leave", 0) in engine.calls
+
+
+def test_capacity_summarises_slots_queue_lag_and_admission():
+    from types import SimpleNamespace
+
+    from duplex.server.admission import Admission
+    from duplex.server.capacity import capacity
+
+    engine = HistoryEngine(2)
+    scheduler = Scheduler(engine, ServerMetrics(), max_lag_s=0.5)
+    admission = Admission(2, 4, accepting=scheduler.accepting)
+    service = SimpleNamespace(scheduler=scheduler, admission=admission, shutting_down=False)
+    assert capacity(service).as_dict() == {"slots": 2, "active": 0, "queued": 0, "max_lag_s": 0.0,
+                                           "real_time_factor": 0.0, "accepting": True, "free": 2}
+
+    async def main():
+        assert admission.try_acquire() and admission.try_acquire()
+        full = capacity(service)
+        handle = scheduler.join(Sink(), SlotRequest())
+        handle.inbox.append(frame(0.0))  # a frame waiting 2 s: the worker is not running
+        handle.arrivals.append(time.perf_counter() - 2.0)
+        return full, capacity(service)
+
+    full, lagging = asyncio.run(main())
+    assert full.active == 2 and full.free == 0 and not full.accepting
+    assert lagging.max_lag_s >= 2.0 and not lagging.accepting and not scheduler.accepting()

@@ -56,7 +56,7 @@ def test_the_window_follows_the_measured_step_and_is_capped():
     assert p.window == pytest.approx(0.004)
     for _ in range(50):
         p.observe_step(0.5)
-    assert p.window == pytest.approx(F / 4)
+    assert p.window == pytest.approx(F)
 
 
 def simulate(arrivals: dict[int, list[float]], step_s: float, end: float = 60.0):

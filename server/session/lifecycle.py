@@ -184,6 +184,7 @@ class Session:
             await asyncio.gather(receiver, feeder, return_exceptions=True)
             await self._drain_and_close(sender)
             self.record.frames_in = self.handle.frames_in
+            self.record.frames_late = self.handle.frames_silence
 
     def finish(self, reason: str, error: str | None = None) -> None:
         """End the session (first call wins); ``error`` is sent as kind 5 after the pending output."""
