@@ -120,10 +120,11 @@ class ServerThread:
     The listening socket is bound here (port 0 = a free port chosen by the OS) and handed to
     uvicorn, so no other process can take the port between choosing and binding it.
     Use as a context manager, or ``start()`` / ``stop()``. ``app`` overrides the app built from
-    ``models`` and ``settings`` (``engine`` replaces the batched engine, for tests).
+    ``models`` and ``settings`` (``engine`` replaces the batched engine, for tests); ``uvicorn_options``
+    are extra ``uvicorn.Config`` arguments (e.g. a short ``ws_ping_interval`` in tests).
     """
 
-    def __init__(self, models=None, settings=None, engine=None, app=None) -> None:
+    def __init__(self, models=None, settings=None, engine=None, app=None, uvicorn_options: dict | None = None) -> None:
         import uvicorn
 
         from duplex.server.app import GracefulServer, create_app
@@ -134,7 +135,8 @@ class ServerThread:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind(("127.0.0.1", 0))
         self.port = self.socket.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", ws="websockets-sansio", lifespan="on")
+        config = uvicorn.Config(self.app, log_level="warning", ws="websockets-sansio", lifespan="on",
+                                **(uvicorn_options or {}))
         self.server = GracefulServer(config, self.app)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
                                        name="duplex-server", daemon=True)

@@ -97,14 +97,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def LiveServer(models, settings: ServerSettings, engine=None) -> ServerThread:  # noqa: N802 - reads as a class
+def LiveServer(models, settings: ServerSettings, engine=None, uvicorn_options=None) -> ServerThread:  # noqa: N802
     """``create_app(models, settings)`` served on a socket bound up front (no port race); call ``start()``."""
-    return ServerThread(models, settings, engine=engine)
+    return ServerThread(models, settings, engine=engine, uvicorn_options=uvicorn_options)
 
 
 @contextlib.contextmanager
-def live_server(models, engine=None, **settings):
-    server = LiveServer(models, ServerSettings(**settings), engine=engine).start()
+def live_server(models, engine=None, uvicorn_options=None, **settings):
+    server = LiveServer(models, ServerSettings(**settings), engine=engine, uvicorn_options=uvicorn_options).start()
     try:
         yield server
     finally:

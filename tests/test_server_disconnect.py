@@ -14,7 +14,7 @@ from starlette.websockets import WebSocketState
 from duplex.client.client import DuplexClient
 from duplex.server import protocol
 from duplex.server.service import DuplexService, ServerSettings
-from duplex.server.session import RECEIVE_BUFFER_FRAMES, Session
+from duplex.server.session import Session
 
 STEP_SECONDS = 0.25  # the fake model steps 3x slower than real time (80 ms frames)
 STREAM_FRAMES = 30  # 2.4 s of real-time audio: ~10 frames stepped, a backlog of ~5 s of steps
@@ -118,31 +118,88 @@ class FloodingWebSocket:
         self.application_state = WebSocketState.DISCONNECTED
 
 
-def test_a_fast_client_is_read_only_up_to_the_receive_buffer(models):
-    inbox = 8
+def test_a_fast_client_is_read_up_to_the_receive_buffer_bytes_then_throttled(models, monkeypatch):
+    import duplex.server.session.inbound as inbound
+
+    bound = 40_000  # bytes of undecoded audio (the default is 2 MiB: minutes of audio)
+    monkeypatch.setattr(inbound, "RECEIVE_BUFFER_BYTES", bound)
 
     async def main():
         # The worker is not started: nothing is stepped, so the session's buffers fill up and stay full.
-        service = DuplexService(models, ServerSettings(max_sessions=1, inbox_frames=inbox, drain_seconds=0.2))
-        ws = FloodingWebSocket(RECEIVE_BUFFER_FRAMES + 150)
+        service = DuplexService(models, ServerSettings(max_sessions=1, inbox_frames=8, drain_seconds=0.2))
+        ws = FloodingWebSocket(600)
         session = Session(ws, service)
         running = asyncio.ensure_future(session.run())
         previous, deadline = -1, time.monotonic() + 60
         while ws.read != previous and time.monotonic() < deadline:  # until the reader stops reading
             previous = ws.read
-            await asyncio.sleep(1.0)
-        read = ws.read
+            await asyncio.sleep(0.5)
+        read, buffered = ws.read, session.inbound.received_bytes
         session.finish("shutdown")
         await asyncio.wait_for(running, 10)
         await service.shutdown(drain_timeout=1)
-        return read, service
+        return read, buffered, ws, service
 
-    read, service = asyncio.run(main())
-    # inbox + the frame the feeder holds + the receive buffer + the message the reader holds
-    # (+1: the Opus decoder's start-up delay shifts frames by part of one message)
-    expected = inbox + 1 + RECEIVE_BUFFER_FRAMES + 1
-    assert expected <= read <= expected + 1
+    read, buffered, ws, service = asyncio.run(main())
+    sizes = [len(m) - 1 for m in ws.incoming]
+    assert bound < buffered <= bound + max(sizes)  # the reader stopped just past the bound ...
+    assert read < len(ws.incoming)  # ... without reading everything (TCP backpressure from there on)
     assert service.metrics.active_sessions._value.get() == 0 and service.admission.active == 0
+
+
+def test_a_throttled_client_is_ended_with_a_clear_error_before_any_keepalive_timeout(models, monkeypatch):
+    import duplex.server.session.inbound as inbound
+
+    monkeypatch.setattr(inbound, "RECEIVE_BUFFER_BYTES", 20_000)
+    monkeypatch.setattr(inbound, "MAX_THROTTLED_SECONDS", 0.5)
+
+    async def main():
+        service = DuplexService(models, ServerSettings(max_sessions=1, inbox_frames=8, drain_seconds=0.2))
+        ws = FloodingWebSocket(300)
+        sent: list[bytes] = []
+
+        async def send_bytes(data: bytes) -> None:
+            sent.append(data)
+
+        ws.send_bytes = send_bytes
+        await asyncio.wait_for(Session(ws, service).run(), 10)  # nothing steps: the client stays ahead
+        await service.shutdown(drain_timeout=1)
+        return sent, service
+
+    sent, service = asyncio.run(main())
+    errors = [m[1:].decode() for m in sent if m[0] == protocol.MessageKind.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("client too far ahead of real time")
+    assert service.metrics.sessions_ended.labels("too_far_ahead")._value.get() == 1
+
+
+def test_a_client_far_faster_than_the_model_keeps_its_keepalive_and_loses_nothing(models):
+    """Issue 14.1: backpressure used to stop the socket reads, so the keepalive pong went unseen and the
+    connection died (at 40 s with uvicorn's defaults; here the keepalive is 1 + 1 s)."""
+    frames = 500  # 40 s of audio, sent at once; the model needs >= 5 s for it (10 ms per step)
+    engine = SlowFakeEngine(batch_size=1, step_seconds=0.01)
+    keepalive = {"ws_ping_interval": 1.0, "ws_ping_timeout": 1.0}
+    with live_server(models, engine=engine, uvicorn_options=keepalive, max_sessions=1) as server:
+        async def main():
+            client = await DuplexClient.connect(server.url, timeout=10)
+            audio = synth_audio(frames, 3)
+            for i in range(frames):  # as fast as the socket takes it (the client answers pings meanwhile)
+                await client.send_pcm(audio[i * FRAME:(i + 1) * FRAME])
+                await asyncio.sleep(0)
+            received = 0
+            async with asyncio.timeout(30):
+                async for event in client:
+                    if type(event).__name__ == "AudioEvent":
+                        received += 1
+                        if received >= frames - 2:
+                            break
+            await client.close()
+            return received
+
+        received = asyncio.run(main())
+        metrics = server.service.metrics
+        asyncio.run(wait_until(lambda: metrics.active_sessions._value.get() == 0, timeout=5))
+    assert engine.steps >= frames - 2 and received >= frames - 2  # every frame stepped and answered
+    assert metrics.sessions_ended.labels("client_closed")._value.get() == 1  # closed by the client, at the end
 
 
 class UnclosableWebSocket(FloodingWebSocket):
@@ -167,3 +224,44 @@ def test_a_close_that_never_completes_does_not_hold_the_slot(models):
     elapsed, service = asyncio.run(main())
     assert elapsed < 4.0  # bounded by the 1 s close timeout (plus load), not by the peer
     assert service.admission.active == 0 and service.metrics.sessions_ended.labels("client_closed")._value.get() == 1
+
+
+def test_a_client_that_never_reads_gets_the_too_slow_error_not_a_keepalive_close(models):
+    """Issue 14.2: the server's socket buffers absorbed the unread output, so the outbox never filled and
+    the keepalive (close 1011, no kind-5) cut such clients instead of the documented "too slow" rule."""
+    import socket
+
+    import websockets
+
+    engine = SlowFakeEngine(batch_size=1, step_seconds=0.001)
+    with live_server(models, engine=engine, max_sessions=1, outbox_frames=10) as server:
+        async def main():
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", server.port))
+            async with websockets.connect(server.url, sock=sock, max_queue=1, ping_interval=None) as ws:
+                writer = sphn.OpusStreamWriter(24000)
+                audio = synth_audio(100, 4)
+                for i in range(100):  # 8 s of audio at 10x real time, never reading
+                    page = writer.append_pcm(audio[i * FRAME:(i + 1) * FRAME])
+                    if page:
+                        try:
+                            await ws.send(protocol.encode_audio(page))
+                        except websockets.ConnectionClosed:
+                            break
+                    await asyncio.sleep(0.008)
+                ended = await wait_until(lambda: metrics.sessions_ended.labels("slow_client")._value.get() == 1, 5)
+                messages = []
+                try:
+                    async with asyncio.timeout(5):
+                        async for message in ws:  # now read everything the server had sent
+                            messages.append(message)
+                except (websockets.ConnectionClosed, TimeoutError):
+                    pass
+                return ended, messages
+
+        metrics = server.service.metrics
+        ended, messages = asyncio.run(main())
+    assert ended < 5  # ended by the slow-client rule within seconds (a keepalive needs 20 + 20 s)
+    errors = [m[1:].decode() for m in messages if m[:1] == bytes([protocol.MessageKind.ERROR])]
+    assert errors and errors[-1].startswith("client too slow")

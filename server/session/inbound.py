@@ -1,10 +1,13 @@
 """A session's way in: the socket reader, Ogg/Opus decode, framing, the receive buffer and the feeder.
 
-The *reader* reads the socket continuously, parses each message (:mod:`duplex.server.protocol`),
-decodes kind-1 Ogg/Opus and cuts it into 80 ms frames put in a bounded receive buffer
-(:data:`RECEIVE_BUFFER_FRAMES`); the *feeder* pushes them to the scheduler, which applies
-backpressure. The reader stops reading only while the receive buffer is full (TCP backpressure for
-clients faster than real time), so a hang-up is seen as soon as it reaches the server.
+The *reader* reads the socket continuously, parses each message (:mod:`duplex.server.protocol`) and
+keeps kind-1 Ogg/Opus messages, undecoded, in a receive buffer bounded in bytes
+(:data:`RECEIVE_BUFFER_BYTES`, about 8 minutes of audio at 32 kbit/s); the *feeder* decodes them,
+cuts them into 80 ms frames and pushes those to the scheduler, which applies backpressure. So the
+socket is read (pongs, hang-ups) even while the model is far behind a client faster than real time.
+Only a client more than the buffer ahead is throttled (the reader stops reading); since the
+transport's keepalive cannot see pongs then, such a client is ended with a kind-5 error after
+:data:`MAX_THROTTLED_SECONDS` instead of dying of a keepalive timeout.
 While a client is queued its audio is not decoded: only the Opus header pages are kept (so that
 the stream decodes once the session starts), the rest is discarded unread. No message may decode
 to more than :data:`MAX_DECODED_SECONDS_PER_MESSAGE` (checked from the packets' headers before
@@ -26,10 +29,13 @@ from duplex.server.protocol import MessageKind, ProtocolError
 
 logger = logging.getLogger(__name__)
 
-# Decoded user frames a session buffers between its socket and the scheduler (20 s, 7.7 kB each).
-# Beyond it the session stops reading its socket: a hang-up is seen late only once a client is
-# more than this (plus the scheduler inbox) ahead of the model.
-RECEIVE_BUFFER_FRAMES = 250
+# Undecoded audio a session buffers between its socket and the scheduler. Beyond it the session stops
+# reading its socket: a hang-up is seen late only once a client is more than this ahead of the model.
+RECEIVE_BUFFER_BYTES = 2 << 20
+RECEIVE_BUFFER_FRAMES = 250  # (kept for older imports; the receive buffer is bounded in bytes)
+# uvicorn's keepalive closes a connection whose pong it has not read for ping interval + timeout (20 + 20 s
+# by default); a throttled reader reads nothing, so a session throttled this long ends with a clear error.
+MAX_THROTTLED_SECONDS = 15.0
 MAX_DECODED_SECONDS_PER_MESSAGE = 2.0  # a client sends one 80 ms frame per message
 MAX_HEADER_PAGES = 4  # header pages kept while queued (a stream has 2)
 
@@ -40,7 +46,12 @@ class Inbound:
     def __init__(self, session) -> None:
         self.session = session
         self.service = session.service
-        self.received: asyncio.Queue[tuple[np.ndarray, float]] = asyncio.Queue(RECEIVE_BUFFER_FRAMES)
+        self.received: asyncio.Queue[tuple[bytes, float, float]] = asyncio.Queue()  # (Ogg, arrival, seconds)
+        self.received_bytes = 0  # bytes in ``received``
+        self.received_seconds = 0.0  # audio in ``received``
+        self.space = asyncio.Event()  # set when the receive buffer has room again
+        self.buffer_bytes = RECEIVE_BUFFER_BYTES
+        self.max_throttled_seconds = MAX_THROTTLED_SECONDS
         self.opus_in = sphn.OpusStreamReader(self.service.sample_rate)
         self.frames = FrameAssembler(self.service.frame_size)
         self.discarded_bytes = 0  # audio bytes received while queued and never decoded
@@ -123,18 +134,38 @@ class Inbound:
     async def on_message(self, message: dict) -> None:
         parsed = self.parse(message)
         if parsed.kind is MessageKind.AUDIO:
-            arrived = time.perf_counter()
-            for frame in self.frames.add(self.decode(parsed.payload)):
-                await self.received.put((frame, arrived))  # waits (stops reading) while the buffer is full
+            seconds = self.audio_seconds(parsed.payload)  # checked before it is buffered
+            self.received.put_nowait((parsed.payload, time.perf_counter(), seconds))
+            self.received_bytes += len(parsed.payload)
+            self.received_seconds += seconds
+            if self.received_bytes > self.buffer_bytes:
+                await self._throttled()
         # control, ping, client-sent handshake/text/metadata/error and unknown kinds: ignored
 
+    async def _throttled(self) -> None:
+        """Stop reading until the feeder made room; end the session if that takes too long."""
+        self.space.clear()
+        try:
+            await asyncio.wait_for(self.space.wait(), self.max_throttled_seconds)
+        except asyncio.TimeoutError:
+            self.session.finish("too_far_ahead", f"client too far ahead of real time: {self.received_seconds:.0f} s "
+                                f"of its audio waited over {self.max_throttled_seconds:g} s to be read; send audio "
+                                "in real time")
+
     async def feed_loop(self) -> None:
-        """The feeder: receive buffer -> scheduler inbox, waiting while the inbox is full."""
+        """The feeder: receive buffer -> decode -> 80 ms frames -> scheduler inbox (waits while it is full)."""
         session = self.session
         try:
             while True:
-                frame, arrived = await self.received.get()
-                await self.service.scheduler.push(session.handle, frame, arrived)
+                ogg, arrived, seconds = await self.received.get()
+                self.received_bytes -= len(ogg)
+                self.received_seconds -= seconds
+                if self.received_bytes <= self.buffer_bytes:
+                    self.space.set()
+                for frame in self.frames.add(self.decode(ogg)):
+                    await self.service.scheduler.push(session.handle, frame, arrived)
+        except ProtocolError as exc:
+            session.finish("bad_input", str(exc))
         except Exception as exc:  # noqa: BLE001 - ends only this session
             logger.exception("session %s: feeding the scheduler failed", session.id)
             session.finish("server_error", f"server error: {type(exc).__name__}")

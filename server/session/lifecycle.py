@@ -208,6 +208,7 @@ class Session:
 
     async def send_now(self, data: bytes) -> None:
         await self.ws.send_bytes(data)
+        self.outbound.record_written(data)
         self.record.bytes_out += len(data)
         self.service.metrics.bytes.labels("out").inc(len(data))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import Callable
 
 import numpy as np
@@ -18,6 +19,7 @@ import sphn
 
 from duplex.server import protocol
 from duplex.server.protocol import MessageKind
+from duplex.server.session.transport import find_transport, unsent_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +44,30 @@ class Outbound:
         self.unsent_arrivals: list[float] = []  # frames handed to the Opus writer, no page out yet
         self.unpaged_frames = 0  # model frames handed to the Opus writer, no page out yet
         self.opus_out = sphn.OpusStreamWriter(service.sample_rate)
+        self.transport = find_transport(session.ws)
+        self.bytes_written = 0  # websocket bytes handed to the transport (payload + frame header)
+        self.pages_in_flight: deque[int] = deque()  # end offset of each audio page sent, maybe unread
+
+    def record_written(self, data: bytes) -> None:
+        """Count one message handed to the transport (the websocket header of a server frame: 2-10 bytes)."""
+        self.bytes_written += len(data) + (2 if len(data) < 126 else 4 if len(data) < 65536 else 10)
+        if data[:1] == bytes([MessageKind.AUDIO]):
+            self.pages_in_flight.append(self.bytes_written)
+
+    def unread_pages(self) -> int:
+        """Audio pages sent but still on the server's side of the connection (the client is not reading)."""
+        received = self.bytes_written - unsent_bytes(self.transport)
+        while self.pages_in_flight and self.pages_in_flight[0] <= received:
+            self.pages_in_flight.popleft()
+        return len(self.pages_in_flight)
 
     def too_slow(self) -> str | None:
-        """The kind-5 text when the client left too much output unread, else None."""
+        """The kind-5 text when the client left too much output unread (queued here, or sent but still
+        in the server's socket buffers), else None."""
         limit = self.service.settings.outbox_frames
-        if self.audio_queued >= limit or self.queued >= limit * MESSAGES_PER_FRAME:
-            frames = max(self.audio_queued, self.queued // MESSAGES_PER_FRAME)
+        pages = self.audio_queued + (self.unread_pages() if self.transport is not None else 0)
+        if pages >= limit or self.queued >= limit * MESSAGES_PER_FRAME:
+            frames = max(pages, self.queued // MESSAGES_PER_FRAME)
             seconds = frames * self.service.frame_size / self.service.sample_rate
             return f"client too slow: {seconds:.1f} s of model output not read"
         return None
