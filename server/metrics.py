@@ -46,12 +46,13 @@ class ServerMetrics:
             "carrying them completed; frames never sent count as dropped, out)", registry=r,
         )
         self.frames_late = Counter(
-            "duplex_frames_late", "Frames stepped as silence for a session that had none (0 with an engine that has a ready mask)", registry=r,
+            "duplex_frames_late", "Frames stepped as silence for a session that had none (0 with an engine "
+            "that has a ready mask)", registry=r,
         )
         self.frames_dropped = Counter(
             "duplex_frames_dropped", "Frames discarded: in = user audio sent before the session started "
-            "(while queued) or late user frames dropped to catch up after silence was stepped in their place, "
-            "out = model frames never sent (client too slow or gone)", ["direction"], registry=r,
+            "(while queued; never decoded), out = model frames never sent (client too slow or gone)",
+            ["direction"], registry=r,
         )
         self.bytes = Counter("duplex_bytes", "Websocket payload bytes", ["direction"], registry=r)
         self.sessions_ended = Counter("duplex_sessions_ended", "Finished sessions by reason", ["reason"],

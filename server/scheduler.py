@@ -20,39 +20,17 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 
 from duplex.server.metrics import ServerMetrics
-from duplex.server.slots import OutputSink, SlotHandle
+from duplex.server.slots import Engine, OutputSink, SlotHandle  # noqa: F401 - Engine re-exported
 from duplex.server.tick_policy import TickPolicy
 
 logger = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 3  # failed steps in a row (each followed by an engine reset) before giving up
-
-
-class Engine(Protocol):
-    """What the scheduler needs of a batched engine (DuplexEngine; the tests' fakes)."""
-
-    batch_size: int
-    frame_size: int
-
-    def join(self, slot: int, request) -> None:
-        """A new conversation starts in ``slot`` with its SlotRequest (None = defaults)."""
-
-    def leave(self, slot: int) -> None:
-        """The slot's conversation ended."""
-
-    def move_slot(self, src: int, dst: int) -> None:
-        """Copy ``src``'s streaming state to the free slot ``dst``."""
-
-    def step(self, pcm: np.ndarray, ready: np.ndarray | None = None):
-        """[B, frame_size] float32 in -> StepOutput; slots not ``ready`` keep their state, give no output."""
-
-    def reset_all(self) -> None:
-        """Restart every slot (after a failed step)."""
 
 
 def failure_message(exc: BaseException) -> str:

@@ -7,7 +7,6 @@ import random
 import statistics
 import time
 
-import numpy as np
 from scheduler_fakes import HistoryEngine, Sink, frame, solo_outputs
 
 from duplex.server.metrics import ServerMetrics
@@ -119,14 +118,13 @@ def test_a_client_that_stops_sending_pauses_its_conversation():
 def test_overload_keeps_answers_faithful_and_shows_the_lag():
     frames = 12
     plans = {c: schedule(frames, 0.01 * c) for c in range(3)}
-    lags = []
-    sinks, _, _, _, scheduler = run(plans, step_seconds=0.12)  # 1.5x slower than real time
+    sinks, _, pushes, _, scheduler = run(plans, step_seconds=0.12)  # 1.5x slower than real time
     for c in plans:
-        assert sinks[c].frames == expected(c, frames)
-    lags.append(scheduler.metrics.max_lag._value.get())
+        assert sinks[c].frames == expected(c, frames)  # nothing lost or replaced: faithful answers
+    lat = latencies(sinks[0], pushes[0])
+    assert lat[-1] > lat[1] + 0.2  # latency grows instead
     assert scheduler.real_time_factor > 1.2
     assert scheduler.metrics.real_time_factor._value.get() > 1.2
-    assert latencies(sinks[0], [0.0] * frames)  # delivered
     assert scheduler.metrics.registry.get_sample_value("duplex_frames_in_total") == 3 * frames
 
 
