@@ -152,6 +152,12 @@ class LMGen:
         offsets = torch.zeros(batch_size, dtype=torch.long, device=device)
         return LMGenState(batch_size, offsets, cache, temporal, depth, sampling, constants)
 
+    def draw_plans(self, state: LMGenState) -> tuple[DrawPlan | None, DrawPlan | None]:
+        """The (text, audio) sampling plans the next step will use, built now (they are cached)."""
+        config = self.lm.config
+        return (state.sampling.plan(state.sampling.text, config.text_out_card),
+                state.sampling.plan(state.sampling.audio, config.card))
+
     def step(self, user_codes: torch.Tensor, state: LMGenState, ready: torch.Tensor | None = None,
              validate: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """user_codes [B, n_q - dep_q, 1] -> tokens [B, 1 + dep_q, 1], valid [B] (bool).
