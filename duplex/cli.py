@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "lm": ("duplex.model.bench", "LM step latency (temporal + depth), tokens/s, peak memory"),
     "server": ("duplex.client.bench_server", "one real-time client over loopback: per-frame latency"),
     "serve": ("duplex.server.bench_serve", "N concurrent real-time clients: batched tick latency"),
+    "engine": ("duplex.server.bench_engine", "engine step cost with few active slots on a big engine"),
 }
 
 
