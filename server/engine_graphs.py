@@ -22,7 +22,7 @@ WARMUP_STEPS = 2  # eager runs on a side stream before a capture (cuBLAS handles
 class _Captured:
     """One captured step: its graph, its static outputs, and the draw plans whose memory it reads."""
 
-    graph: "torch.cuda.CUDAGraph"
+    graph: object  # torch.cuda.CUDAGraph
     audio: torch.Tensor  # [rows, 1, frame_size]
     tokens: torch.Tensor  # [rows, 1 + dep_q, 1]
     plans: tuple  # (text, audio) DrawPlan or None, as captured
@@ -40,12 +40,43 @@ class CudaGraphSteps:
     """Runs ``engine._device_step`` as CUDA graphs; masks always given (static shapes, one path)."""
 
     def __init__(self, engine) -> None:
-        if engine.device.type != "cuda" or not torch.cuda.is_available():
-            raise ValueError(f"cuda_graphs needs a CUDA device; this engine runs on {engine.device} "
-                             "(drop the CUDA graphs option to run eagerly)")
+        self._check_device(engine.device)
         self.engine = engine
         self.captured: dict[tuple, _Captured] = {}
-        self._host_masks = torch.zeros(engine._masks.shape, dtype=torch.bool).pin_memory()  # [3, B]
+        self._host_masks = self._pinned(torch.zeros(engine._masks.shape, dtype=torch.bool))  # [3, B]
+
+    # The CUDA calls, one per method (tests replace them with a CPU double).
+    def _check_device(self, device: torch.device) -> None:
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise ValueError(f"cuda_graphs needs a CUDA device; this engine runs on {device} "
+                             "(drop the CUDA graphs option to run eagerly)")
+
+    def _pinned(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.pin_memory()
+
+    def _warm_up(self, step) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def _record(self, step):
+        """Capture ``step`` -> (graph, its static outputs)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = step()
+        return graph, outputs
+
+    def _replay(self, graph) -> float:
+        """Replay and wait for it; the seconds it took on the device."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
 
     def run(self, rows: int, masks: np.ndarray):
         """Replay (capturing first if needed) the step on ``rows`` slots with masks [3, rows]."""
@@ -61,12 +92,8 @@ class CudaGraphSteps:
         if entry is None:
             entry = self.captured[key] = self._capture(rows, plans)
         entry.load_plans(plans)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        entry.graph.replay()
-        end.record()
-        end.synchronize()
-        return entry.audio, entry.tokens, StepTimings(lm=start.elapsed_time(end) / 1000.0)
+        seconds = self._replay(entry.graph)
+        return entry.audio, entry.tokens, StepTimings(lm=seconds)
 
     def _mask_views(self, rows: int):
         masks = self.engine._masks
@@ -78,15 +105,9 @@ class CudaGraphSteps:
         engine = self.engine
         wanted = engine._masks.clone()
         engine._masks.zero_()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                engine._device_step(rows, *self._mask_views(rows))
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            audio, tokens = engine._device_step(rows, *self._mask_views(rows))
+        step = lambda: engine._device_step(rows, *self._mask_views(rows))  # noqa: E731
+        self._warm_up(step)
+        graph, (audio, tokens) = self._record(step)
         engine._masks.copy_(wanted)
         logger.info("captured a CUDA graph of the engine step for %d slots (plans %s)", rows,
                     [None if plan is None else plan.candidates for plan in plans])
