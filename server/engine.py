@@ -251,8 +251,10 @@ class DuplexEngine:
 
     def _eager_step(self, rows: int, masks: np.ndarray):
         """Run the device step eagerly; a stage whose rows are all ready runs unmasked (same values)."""
-        device_masks = torch.from_numpy(masks).to(self.device, non_blocking=True)  # [3, rows]
-        stage_masks = [None if masks[k].all() else device_masks[k] for k in range(3)]
+        stage_masks = [None, None, None]
+        if not masks.all():
+            device_masks = torch.from_numpy(masks).to(self.device, non_blocking=True)  # [3, rows]
+            stage_masks = [None if masks[k].all() else device_masks[k] for k in range(3)]
         clock = _StageClock(self.device)
         audio, tokens = self._device_step(rows, *stage_masks, clock=clock)
         encode, lm, decode = clock.durations()
