@@ -233,9 +233,10 @@ class DuplexEngine:
         return self._output(audio, tokens, has_output, rows, timings)
 
     def rows_for(self, ready: np.ndarray) -> int:
-        """The bucket a step computes: the smallest covering every occupied or ready slot (0: none)."""
+        """The bucket a step computes: the smallest covering every occupied or ready slot (0: none, or
+        no slot ready)."""
         busy = np.flatnonzero(ready | self._occupied)
-        if busy.size == 0:
+        if busy.size == 0 or not ready.any():
             return 0
         needed = int(busy[-1]) + 1
         return next(size for size in self.buckets if size >= needed)

@@ -65,7 +65,7 @@ class CudaGraphSteps:
     def _record(self, step):
         """Capture ``step`` -> (graph, its static outputs)."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use CUDA
             outputs = step()
         return graph, outputs
 

@@ -117,13 +117,15 @@ def test_buckets_cover_the_highest_occupied_slot(models):
     none = np.zeros(8, dtype=bool)
     assert engine.rows_for(none) == 0
     assert engine.step(np.zeros((8, FRAME_SIZE), np.float32), none).rows == 0
+    first = np.eye(8, dtype=bool)[0]
     engine.join(0)
-    assert engine.rows_for(none) == 1
+    assert engine.rows_for(none) == 0  # occupied but nothing ready: nothing to compute
+    assert engine.rows_for(first) == 1
     engine.join(4)
-    assert engine.rows_for(none) == 8
+    assert engine.rows_for(first) == 8
     engine.leave(4)
     engine.join(2)
-    assert engine.rows_for(none) == 4
+    assert engine.rows_for(first) == 4
     assert engine.step(np.zeros((8, FRAME_SIZE), np.float32), np.eye(8, dtype=bool)[0]).rows == 4
     assert engine.step(np.zeros((8, FRAME_SIZE), np.float32)).rows == 8  # ready=None: every slot
 
@@ -178,7 +180,7 @@ def test_move_before_the_first_frame_keeps_the_settings(models):
     engine = DuplexEngine(models.mimi, models.lm, 2, GREEDY)
     engine.join(1, request)
     engine.move_slot(1, 0)
-    assert engine.rows_for(np.zeros(2, dtype=bool)) == 1
+    assert engine.rows_for(np.array([True, False])) == 1 and engine.rows_for(np.array([False, True])) == 2
     outputs = []
     for t in range(6):
         out = engine.step(np.stack([audio[0, t * FRAME_SIZE:(t + 1) * FRAME_SIZE], np.zeros(FRAME_SIZE)]),
