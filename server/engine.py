@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -70,6 +71,23 @@ class StepOutput:
     has_output: np.ndarray  # [B] bool
     timings: StepTimings = field(default_factory=StepTimings)
     rows: int = 0  # slots computed by the step (its bucket); 0 when nothing was ready
+
+
+class SlotEngine(Protocol):
+    """What a scheduler needs of an engine (DuplexEngine, or a test's fake); semantics in docs/engine.md."""
+
+    batch_size: int
+    frame_size: int
+
+    def join(self, slot: int, request) -> None: ...
+
+    def leave(self, slot: int) -> None: ...
+
+    def move_slot(self, src: int, dst: int) -> None: ...
+
+    def step(self, pcm: np.ndarray, ready: np.ndarray | None = None) -> StepOutput: ...
+
+    def reset_all(self) -> None: ...
 
 
 class _StageClock:

@@ -9,7 +9,7 @@ import torch
 from masking_util import assert_rows_unchanged, snapshot
 from server_harness import load_tiny_models
 
-from duplex.server.engine import FRAME_SIZE, DuplexEngine, SlotSampling, bucket_sizes
+from duplex.server.engine import FRAME_SIZE, DuplexEngine, SlotEngine, SlotSampling, bucket_sizes
 
 GREEDY = {"use_sampling": False}
 SEEDED = SlotSampling(use_sampling=True, temp=1.0, temp_text=1.0, top_k=20, top_k_text=10, seed=77)
@@ -197,6 +197,8 @@ def test_move_before_the_first_frame_keeps_the_settings(models):
 
 def test_requests_are_validated_at_join_and_ready_masks_checked(models):
     engine = DuplexEngine(models.mimi, models.lm, 2, GREEDY)
+    slot_engine: SlotEngine = engine  # the scheduler's view of it
+    assert (slot_engine.batch_size, slot_engine.frame_size) == (2, models.mimi.frame_size)
     with pytest.raises(ValueError, match="temp must be >= 0"):
         engine.join(0, SlotSampling(temp=-1.0))
 
