@@ -176,10 +176,10 @@ def check_cuda_graphs(mimi, lm, device: torch.device, slots: int = 6, steps: int
                 engine.move_slot(slots - 2, 1)
                 engine.join(slots - 1, SlotSampling(use_sampling=True, top_k=5, seed=9))  # a new plan shape
         ready = rng.random(slots) < 0.7
-        pcm = (rng.standard_normal((slots, engine.frame_size)) * 0.2).astype(np.float32)
+        pcm = (rng.standard_normal((slots, engines[0].frame_size)) * 0.2).astype(np.float32)
         eager, graphed = (engine.step(pcm, ready) for engine in engines)
-        token_mismatches += int((eager.tokens != graphed.tokens).any(axis=1).sum())
-        assert (eager.has_output == graphed.has_output).all()
+        token_mismatches += int(((eager.tokens != graphed.tokens).any(axis=1)
+                                 | (eager.has_output != graphed.has_output)).sum())
         worst_pcm = max(worst_pcm, float(np.abs(eager.pcm - graphed.pcm).max()))
     sync_error = _sync_error(engines[0]) if graphs is None else None
     ok = token_mismatches == 0 and worst_pcm < 1e-3 and sync_error is None
