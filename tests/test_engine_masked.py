@@ -61,7 +61,7 @@ def timed_pattern(frames: int, slots: int, seed: int) -> np.ndarray:
         elif kind == 1:
             ready = rng.random(3 * frames) < 0.5
         elif kind == 2:
-            ready = np.tile([True, True, True, False, False, False, False], frames)
+            ready = np.tile([False, False, True, True, True, False, False], frames)  # starts late
         else:
             ready = np.concatenate([np.ones(4, bool), np.zeros(9, bool), np.ones(3 * frames, bool)])
         ready[np.flatnonzero(ready)[frames:]] = False
