@@ -157,14 +157,37 @@ def load_strict(model: torch.nn.Module, weights, name: str, device: str | torch.
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     device = torch.device(device)
     found = check_strict(model, weights, name)
-    tensors = dict(read_tensors(weights, f"{name} weights", device, dtype, keep_dtype))
     own_shapes = module_shapes(model)
-    model.load_state_dict(split_fused(tensors, own_shapes), strict=True, assign=True)
+    tensors = split_fused(dict(read_tensors(weights, f"{name} weights", device, dtype, keep_dtype)), own_shapes)
+    assign_tensors(model, tensors)
+    del tensors  # from here on the model's parameters are the only references to the weights
     state = model.state_dict()
     leftover = [key for key in own_shapes if state[key].is_meta]
     if leftover:
         raise CheckpointMismatchError(f"tensors left unloaded after loading: {_listed(leftover)}")
     return len(found)
+
+
+def assign_tensors(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Make ``tensors`` (the model's own keys, already checked) its parameters and persistent buffers.
+
+    Assigned directly rather than through ``load_state_dict``, whose post-load hooks (Mimi re-packs
+    its conv weights there) would copy weights while this dict still holds the originals; loaders
+    derive their buffers afterwards (``duplex.codec.loading.finish_model``).
+    """
+    expected = set(model.state_dict())
+    if set(tensors) != expected:
+        raise CheckpointMismatchError(f"internal key mismatch: {_listed(sorted(set(tensors) ^ expected))}")
+    for key, tensor in tensors.items():
+        owner, _, leaf = key.rpartition(".")
+        module = model.get_submodule(owner)
+        if leaf in module._parameters:
+            old = module._parameters[leaf]
+            module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+        elif leaf in module._buffers:
+            module._buffers[leaf] = tensor
+        else:
+            raise CheckpointMismatchError(f"{key} is neither a parameter nor a buffer of the model")
 
 
 def save_published(model: torch.nn.Module, path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
