@@ -76,7 +76,9 @@ def published_shapes(shapes: Mapping[str, Shape]) -> dict[str, Shape]:
 
 
 def _spells_per_step(attention: str, file_keys: set[str]) -> list[str]:
-    return sorted(k for k in file_keys if k.startswith((attention + ".in_projs.", attention + ".out_projs.")))
+    """The file's per-step projection keys of one attention (LoRA factors such as
+    ``in_projs.0.lora_A.weight`` are not evidence of a spelling: they exist in the per-step one only)."""
+    return sorted(k for k in file_keys if (match := _PER_STEP.match(k)) and match["attention"] == attention)
 
 
 def _spells_fused(attention: str, file_keys: set[str]) -> list[str]:

@@ -213,3 +213,24 @@ def test_integer_dtype_is_not_a_load_dtype(fixtures_dir):
     with pytest.raises(ValueError, match="floating-point"):
         LMModel.from_pretrained(fixtures_dir / "lm_tiny" / SPELLINGS[0], config=_lm_config(fixtures_dir),
                                 dtype=torch.int8)
+
+
+def test_spelling_helpers_map_row_wise_companions_and_ignore_lora_factors():
+    from duplex.model.spelling import published_shapes, shapes_in_file_spelling, split_fused
+
+    attention = "transformer.layers.0.self_attn"
+    shapes = {f"{attention}.in_projs.{i}.weight": (6, 2) for i in range(2)}
+    shapes.update({f"{attention}.in_projs.{i}.weight_scb": (6,) for i in range(2)})
+    shapes.update({f"{attention}.out_projs.{i}.weight": (2, 2) for i in range(2)})
+    shapes[f"{attention}.in_projs.0.lora_A.weight"] = (4, 2)
+    fused = published_shapes(shapes)
+    assert fused == {f"{attention}.in_proj_weight": (12, 2), f"{attention}.in_proj_weight_scb": (12,),
+                     f"{attention}.out_proj.weight": (4, 2), f"{attention}.in_projs.0.lora_A.weight": (4, 2)}
+    # A fused base with a per-step LoRA factor is not a mixed spelling.
+    assert shapes_in_file_spelling(shapes, fused, "file") == fused
+    tensors = {key: torch.arange(torch.Size(shape).numel()).view(shape) for key, shape in fused.items()}
+    split = split_fused(tensors, shapes)
+    assert set(split) == set(shapes)
+    assert torch.equal(split[f"{attention}.in_projs.1.weight_scb"], torch.arange(6, 12))
+    storage = tensors[f"{attention}.in_proj_weight"].untyped_storage().data_ptr()
+    assert split[f"{attention}.in_projs.1.weight"].untyped_storage().data_ptr() == storage  # a view, no copy
