@@ -25,16 +25,31 @@ print(json.dumps({"name": bundle.model_name, "dim": bundle.lm.config.dim, "gen":
                   "lm": str(bundle.config.get("moshi_name")), "frame_size": bundle.frame_size}))
 """
 
-RESOLVE = """
+RESOLVE_THEN_LOAD = """
 import argparse, json, sys
 from duplex.bundle import lm_config_of
-from duplex.bundle_args import add_model_arguments, resolve_files
+from duplex.bundle_args import add_model_arguments, load_models, resolve_files
 from duplex.model import LMConfig
 parser = argparse.ArgumentParser()
 add_model_arguments(parser)
-files = resolve_files(parser.parse_args(sys.argv[1:]))
+files = resolve_files(parser.parse_args(["--device", "cpu"]))  # no file flags: the default repo
+bundle = load_models(parser.parse_args(sys.argv[1:]))  # the same default names, with config overrides
 print(json.dumps({"files": [files.lm_weights.name, files.mimi_weights.name, files.tokenizer.name],
-                  "config": files.config, "is_7b": lm_config_of(files.config) == LMConfig.moshi_7b()}))
+                  "config": files.config, "is_7b": lm_config_of(files.config) == LMConfig.moshi_7b(),
+                  "name": bundle.model_name, "dim": bundle.lm.config.dim}))
+"""
+
+# `duplex serve`'s own entry point, once per argv, in one process: its last stderr line and exit status.
+SERVE_ERRORS = """
+import contextlib, io, json, sys
+from duplex.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["serve", "--device", "cpu", "--port", "0", *argv])
+    results.append({"rc": rc, "stderr": err.getvalue()})
+print(json.dumps(results))
 """
 
 
@@ -101,53 +116,52 @@ def test_repo_config_names_files_and_sampling_then_offline_from_cache(tiny_files
 
 def test_repo_without_config_falls_back_to_the_7b_preset_and_default_names(tiny_files, tmp_path, fixtures_dir):
     repo = dict(zip(DEFAULT_NAMES, (tiny_files["lm"], tiny_files["mimi"], tiny_files["tokenizer"])))
+    mimi_config = str(fixtures_dir / "mimi_tiny" / "config.json")
     with serve_hub({"kyutai/moshiko-pytorch-bf16": repo}) as hub:
         env = hub_env(hub.url, tmp_path)
-        resolved = run(RESOLVE, ["--device", "cpu"], env)  # no file flags: the default repo
-        assert resolved.returncode == 0, resolved.stderr
-        result = json.loads(resolved.stdout.splitlines()[-1])
-        assert result == {"files": list(DEFAULT_NAMES), "config": {}, "is_7b": True}
+        lm_config = str(fixtures_dir / "lm_tiny" / "config.json")
+        done = run(RESOLVE_THEN_LOAD, ["--device", "cpu", "--config", lm_config, "--mimi-config", mimi_config], env)
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout.splitlines()[-1])
+        # Without config.json: the default file names and the Moshi 7B preset.
+        assert result["files"] == list(DEFAULT_NAMES) and result["config"] == {} and result["is_7b"]
         assert hub.requested("HEAD")[0] == "config.json" and "config.json" not in hub.requested("GET")
         assert sorted(hub.requested("GET")) == sorted(DEFAULT_NAMES)
+        # The same default names with a small config override load end to end.
+        assert result["name"] == "kyutai/moshiko-pytorch-bf16" and result["dim"] == 64
 
         # `duplex serve` itself: the tiny file under the default name is checked against the 7B preset and
         # refused in one line, from its header (the Mimi config flag makes the tiny codec load first).
-        mimi_config = str(fixtures_dir / "mimi_tiny" / "config.json")
         serve = run(duplex_cli(), ["serve", "--device", "cpu", "--mimi-config", mimi_config, "--port", "0"], env)
         assert serve.returncode == 1 and "Traceback" not in serve.stderr
         last = serve.stderr.strip().splitlines()[-1]
         assert last.startswith("duplex serve: Moshi LM weights: cannot load") and "does not match its config" in last
         assert "model (1024, 2816)" in last  # the 7B depth transformer's feed-forward
 
-        # The same default names with a small config override load end to end.
-        lm_config = str(fixtures_dir / "lm_tiny" / "config.json")
-        loaded = run(LOAD, ["--device", "cpu", "--config", lm_config, "--mimi-config", mimi_config], env)
-        assert loaded.returncode == 0, loaded.stderr
-        assert json.loads(loaded.stdout.splitlines()[-1])["name"] == "kyutai/moshiko-pytorch-bf16"
 
-
-@pytest.mark.parametrize(("argv", "repos", "expected"), [
-    (["--hf-repo", "acme/nope"], {}, "repository acme/nope not found on the Hugging Face Hub"),
-    (["--hf-repo", "acme/broken"], "broken", "acme/broken has no file absent.safetensors"),
-    (["--hf-repo", "acme/family"], "stt", "model_type 'stt' is not supported yet"),
-])
-def test_missing_repo_file_or_family_is_one_clear_line(tiny_files, tmp_path, argv, repos, expected):
-    if repos == "broken":
-        repos = {"acme/broken": repo_with_config(tiny_files, moshi_name="absent.safetensors")}
-    elif repos == "stt":
-        repos = {"acme/family": repo_with_config(tiny_files, model_type="stt")}
+def test_missing_repo_file_or_family_is_one_clear_line(tiny_files, tmp_path):
+    repos = {"acme/broken": repo_with_config(tiny_files, moshi_name="absent.safetensors"),
+             "acme/family": repo_with_config(tiny_files, model_type="stt")}
+    cases = [(["--hf-repo", "acme/nope"], "repository acme/nope not found on the Hugging Face Hub"),
+             (["--hf-repo", "acme/broken"], "acme/broken has no file absent.safetensors"),
+             (["--hf-repo", "acme/family"], "model_type 'stt' is not supported yet")]
     with serve_hub(repos) as hub:
-        done = run(duplex_cli(), ["serve", "--device", "cpu", "--port", "0", *argv], hub_env(hub.url, tmp_path))
-        lines = done.stderr.strip().splitlines()
-        assert done.returncode == 1 and "Traceback" not in done.stderr
-        assert lines[-1].startswith("duplex serve: ") and expected in lines[-1]
-        if repos and "acme/family" in repos:
-            assert hub.requested("GET") == ["config.json"]  # refused before any weights were fetched
+        done = run(SERVE_ERRORS, [json.dumps([argv for argv, _ in cases])], hub_env(hub.url, tmp_path))
+        assert done.returncode == 0, done.stderr  # no exception escaped duplex serve's main
+        for (argv, expected), result in zip(cases, json.loads(done.stdout.splitlines()[-1])):
+            lines = result["stderr"].strip().splitlines()  # INFO log lines, then the error
+            assert result["rc"] == 1 and "Traceback" not in result["stderr"], (argv, result)
+            assert lines[-1].startswith("duplex serve: ") and expected in lines[-1], (argv, lines)
+            assert [line for line in lines if line.startswith("duplex serve: ")] == lines[-1:]
+        family = [name for method, path in hub.requests if "acme/family" in path
+                  for name in [path.rsplit("/", 1)[-1]] if method == "GET"]
+        assert family == ["config.json"]  # refused before any weights were fetched
 
 
 def test_offline_without_cache_is_one_clear_line(tmp_path):
     with serve_hub({}) as hub:
-        done = run(duplex_cli(), ["serve", "--device", "cpu", "--port", "0"], hub_env(hub.url, tmp_path, offline=True))
-        assert done.returncode == 1 and "Traceback" not in done.stderr
-        assert "offline mode is on" in done.stderr.strip().splitlines()[-1]
+        done = run(SERVE_ERRORS, [json.dumps([[]])], hub_env(hub.url, tmp_path, offline=True))
+        assert done.returncode == 0, done.stderr
+        (result,) = json.loads(done.stdout.splitlines()[-1])
+        assert result["rc"] == 1 and "offline mode is on" in result["stderr"].strip().splitlines()[-1]
         assert hub.requests == []
