@@ -28,8 +28,9 @@ GB = 1e9
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default=None,
-                        help="LM checkpoint to load; written (random weights) when it does not exist "
-                             "(default: duplex-bench-<preset>.safetensors in the temp directory, deleted afterwards)")
+                        help="LM checkpoint to load; when it does not exist, a random one is written there first "
+                             "and deleted afterwards unless --keep (default: duplex-bench-<preset>.safetensors in "
+                             "the temp directory)")
     parser.add_argument("--preset", choices=("7b", "300m"), default="7b",
                         help="model size when --config is not given: 7b (Moshi 7B, default) or 300m")
     parser.add_argument("--config", default=None, help="a Kyutai LM config.json instead of a preset")

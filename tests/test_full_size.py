@@ -110,3 +110,20 @@ def test_key_listing_errors_name_the_line(tmp_path):
     bad.write_text("a.weight\t(2, 3)\ttorch.float32\nb.weight\t2, x\ttorch.float32\n")
     with pytest.raises(ValueError, match=r"keys.tsv:2: not 'key<TAB>\(shape\)<TAB>torch.dtype'"):
         read_key_listing(bad)
+
+
+def test_bench_load_writes_a_missing_file_then_removes_it_unless_kept(fixtures_dir, tmp_path, capsys):
+    from duplex.cli import main
+
+    config = str(fixtures_dir / "lm_tiny" / "config.json")
+    path = tmp_path / "written.safetensors"
+    assert main(["bench", "load", "--config", config, "--weights", str(path), "--steps", "2", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert not path.exists() and figures["write_s"] > 0 and len(figures["step_s"]) == 2
+    assert main(["bench", "load", "--config", config, "--weights", str(path), "--steps", "0", "--keep"]) == 0
+    table = capsys.readouterr().out
+    assert path.exists() and "peak increase / weights" in table and "load time" in table
+    header = read_header(path)
+    with torch.device("meta"):
+        expected = published_layout(LMModel(LMConfig.from_kyutai(config)), torch.bfloat16)
+    assert [(k, e.dtype, e.shape) for k, e in sorted(header.entries.items())] == expected
