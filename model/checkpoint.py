@@ -183,7 +183,8 @@ def assign_tensors(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) 
         module = model.get_submodule(owner)
         if leaf in module._parameters:
             old = module._parameters[leaf]
-            module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+            grad = old.requires_grad and (tensor.is_floating_point() or tensor.is_complex())
+            module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=grad)
         elif leaf in module._buffers:
             module._buffers[leaf] = tensor
         else:
@@ -196,5 +197,4 @@ def save_published(model: torch.nn.Module, path: str | Path, metadata: Mapping[s
     Fused attention tensors are written from their per-step parts (no concatenated copy), so
     saving needs no memory beyond the model's own.
     """
-    pieces = {key: [piece.cpu() for piece in parts] for key, parts in published_pieces(model.state_dict()).items()}
-    write_tensors(path, pieces, metadata)
+    write_tensors(path, published_pieces(model.state_dict()), metadata)  # each piece copied to the host as written

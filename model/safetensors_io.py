@@ -146,7 +146,7 @@ def read_tensor(header: SafetensorsHeader, key: str) -> torch.Tensor:
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw bytes of a CPU tensor (made contiguous), as written to a file."""
+    """The raw bytes of a tensor (made contiguous, copied to the host if needed), as written to a file."""
     tensor = tensor.detach().contiguous().cpu()
     if tensor.numel() == 0:
         return memoryview(b"")

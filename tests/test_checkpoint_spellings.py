@@ -234,3 +234,22 @@ def test_spelling_helpers_map_row_wise_companions_and_ignore_lora_factors():
     assert torch.equal(split[f"{attention}.in_projs.1.weight_scb"], torch.arange(6, 12))
     storage = tensors[f"{attention}.in_proj_weight"].untyped_storage().data_ptr()
     assert split[f"{attention}.in_projs.1.weight"].untyped_storage().data_ptr() == storage  # a view, no copy
+
+
+def test_integer_weights_and_kept_scales_load_for_quantized_modules(tmp_path):
+    """What an int8 loader needs from load_strict: int8 tensors keep their dtype, chosen scales stay float32."""
+    from duplex.model.checkpoint import load_strict
+
+    class Int8Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.empty(4, 3, dtype=torch.int8), requires_grad=False)
+            self.register_buffer("weight_scb", torch.empty(4))
+
+    with torch.device("meta"):
+        model = torch.nn.Sequential(Int8Linear())
+    weights = {"0.weight": torch.randint(-127, 128, (4, 3), dtype=torch.int8), "0.weight_scb": torch.rand(4)}
+    path = _write(tmp_path, weights)
+    load_strict(model, path, "int8 LM", "cpu", torch.bfloat16, keep_dtype=lambda key: key.endswith("_scb"))
+    assert model[0].weight.dtype == torch.int8 and torch.equal(model[0].weight, weights["0.weight"])
+    assert model[0].weight_scb.dtype == torch.float32 and torch.equal(model[0].weight_scb, weights["0.weight_scb"])
