@@ -1,5 +1,6 @@
-"""The scheduler's parts: the engine it drives (a Protocol the tests' fakes implement), the output sink
-of a session, and a session's binding to a batch slot (inbox of user frames, counters, lag clock)."""
+"""The scheduler's parts: the engine it drives (``Engine`` = engine.SlotEngine, the Protocol the tests'
+fakes implement), the output sink of a session, and a session's binding to a batch slot (inbox of user
+frames, counters, lag clock)."""
 
 from __future__ import annotations
 
@@ -10,29 +11,8 @@ from typing import Protocol
 
 import numpy as np
 
+from duplex.server.engine import SlotEngine as Engine  # noqa: F401 - the engine the scheduler drives
 from duplex.server.tick_policy import SlotView
-
-
-class Engine(Protocol):
-    """What the scheduler needs of a batched engine (DuplexEngine; the tests' fakes)."""
-
-    batch_size: int
-    frame_size: int
-
-    def join(self, slot: int, request) -> None:
-        """A new conversation starts in ``slot`` with its SlotRequest (None = defaults)."""
-
-    def leave(self, slot: int) -> None:
-        """The slot's conversation ended."""
-
-    def move_slot(self, src: int, dst: int) -> None:
-        """Copy ``src``'s streaming state to the free slot ``dst``."""
-
-    def step(self, pcm: np.ndarray, ready: np.ndarray | None = None):
-        """[B, frame_size] float32 in -> StepOutput; slots not ``ready`` keep their state, give no output."""
-
-    def reset_all(self) -> None:
-        """Restart every slot (after a failed step)."""
 
 
 class OutputSink(Protocol):
