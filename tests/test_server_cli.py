@@ -25,6 +25,14 @@ def test_serve_defaults_and_settings():
         (8, 0, 300.0, 2)
 
 
+def test_lag_bounds_and_the_deprecated_grace_flag(caplog):
+    settings = cli.settings_from_args(parse(["--max-lag-ms", "250", "--hard-lag-ms", "0"]))
+    assert (settings.max_lag_ms, settings.hard_lag_ms) == (250.0, 0.0)
+    with caplog.at_level("WARNING"):
+        settings = cli.settings_from_args(parse(["--grace-ms", "30"]))
+    assert "deprecated" in caplog.text and not hasattr(settings, "grace_ms")
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -32,6 +40,8 @@ def test_serve_defaults_and_settings():
         (["--max-queue", "-1"], "--max-queue must be >= 0"),
         (["--max-session-seconds", "-5"], "--max-session-seconds must be >= 0"),
         (["--port", "70000"], "--port must be in 0..65535"),
+        (["--max-lag-ms", "nan"], "--max-lag-ms must be a finite number >= 0"),
+        (["--hard-lag-ms", "-1"], "--hard-lag-ms must be a finite number >= 0"),
     ],
 )
 def test_bad_serve_flags(argv, message):
