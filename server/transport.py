@@ -100,8 +100,11 @@ class DuplexHttpProtocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        # uvicorn's keep-alive timer closes an idle connection; a head started later must complete in time.
+        # uvicorn's keep-alive timer closes an idle connection; a head started later must complete in time
+        # (also one already buffered behind the request just answered).
         self._disarm_head_timer()
+        if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
+            self._arm_head_timer()
 
     def connection_lost(self, exc) -> None:
         self._disarm_head_timer()
@@ -130,6 +133,11 @@ class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self._ping_tokens = float(self.limits.ping_burst)
         self._ping_refill = time.monotonic()
+        self._ping_flood = False
+        # websockets queues a pong for every ping while parsing a chunk (before uvicorn sees the events):
+        # rate-limit at that point, frame by frame.
+        self._send_frame = self.conn.send_frame
+        self.conn.send_frame = self._send_frame_limited
         self._fragment_timer = None
         self._accept_timer = None
 
@@ -217,20 +225,28 @@ class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
         super().handle_parser_exception()
 
     # ------------------------------------------------------------------ pings and keepalive
+    def _send_frame_limited(self, frame: Frame) -> None:
+        """websockets' frame output, with each pong to a client ping taken from a token bucket."""
+        if frame.opcode is Opcode.PONG:
+            now = time.monotonic()
+            rate, burst = self.limits.pings_per_second, self.limits.ping_burst
+            self._ping_tokens = min(float(burst), self._ping_tokens + (now - self._ping_refill) * rate)
+            self._ping_refill = now
+            if self._ping_tokens < 1.0:
+                self._ping_flood = True
+                return
+            self._ping_tokens -= 1.0
+            if not self.writable.is_set():  # the client does not read: no pong piles up behind its unread data
+                self.counters.inc("pong_dropped")
+                return
+        self._send_frame(frame)
+
     def handle_ping(self) -> None:
-        now = time.monotonic()
-        rate, burst = self.limits.pings_per_second, self.limits.ping_burst
-        self._ping_tokens = min(float(burst), self._ping_tokens + (now - self._ping_refill) * rate)
-        self._ping_refill = now
-        pong = b"".join(self.conn.data_to_send())  # websockets queued the pong already
-        if self._ping_tokens < 1.0:
+        if self._ping_flood:
+            rate, burst = self.limits.pings_per_second, self.limits.ping_burst
             self._refuse("ping_flood", f"too many pings: at most {rate:g} per second (burst {burst})")
             return
-        self._ping_tokens -= 1.0
-        if not self.writable.is_set():  # the client does not read: no pong piles up behind its unread data
-            self.counters.inc("pong_dropped")
-            return
-        self.transport.write(pong)
+        super().handle_ping()
 
     def keepalive_timeout(self) -> None:
         if self.read_paused and not self.transport.is_closing() and not self.close_sent:
