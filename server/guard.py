@@ -105,7 +105,9 @@ def origin_allowed(origin: str, host: str | None, allowed: tuple[str, ...]) -> b
     if allowed:
         return origin.rstrip("/").lower() in {a.rstrip("/").lower() for a in allowed}
     parsed = urllib.parse.urlsplit(origin)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or "@" in parsed.netloc:
+        return False  # an Origin is scheme://host[:port]: anything else is forged or broken
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
         return False
     if parsed.hostname in LOCAL_HOSTS:
         return True
