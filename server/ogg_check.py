@@ -28,6 +28,9 @@ _REVERSED_BYTES = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
 class OggError(ValueError):
     """The stream is not a single, intact Ogg/Opus stream; the text is meant for the client."""
 
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"audio is not a valid Ogg/Opus stream: {detail}")
+
 
 def _reverse32(value: int) -> int:
     return int(f"{value:032b}"[::-1], 2)
@@ -73,10 +76,10 @@ class OggPageChecker:
         buf = self._buffer
         if len(buf) < 4:
             if bytes(buf) != b"OggS"[:len(buf)]:
-                raise OggError("audio is not an Ogg stream (no OggS page header)")
+                raise OggError("no OggS page header")
             return None
         if bytes(buf[:4]) != b"OggS":
-            raise OggError("audio is not an Ogg stream (no OggS page header)")
+            raise OggError("no OggS page header")
         if len(buf) < HEADER_BYTES:
             return None
         if buf[4] != 0:
@@ -96,8 +99,8 @@ class OggPageChecker:
         if self._serial is None:
             body = page[HEADER_BYTES + segments:]
             if not flags & FLAG_BOS or not body.startswith(b"OpusHead"):
-                raise OggError("the Ogg stream does not start with an OpusHead header (only Opus is accepted)")
+                raise OggError("the stream does not start with an OpusHead header (only Opus is accepted)")
             self._serial = serial
         elif serial != self._serial:
-            raise OggError("a second Ogg logical stream was sent (only one Opus stream per session)")
+            raise OggError("a second logical stream was sent (only one Opus stream per session)")
         self.pages += 1

@@ -302,6 +302,7 @@ def harden_config(config, limits: TransportLimits, counter=None) -> None:
             log.addFilter(RedactQueryFilter())
 
 
+SECRET_HEADERS = ("authorization", "cookie", "proxy-authorization")
 SECRET_PARAMS = ("api_key", "key", "token", "access_token", "auth", "password")
 _SECRET = re.compile(r"([?&](?:%s)=)[^&\s\"']*" % "|".join(SECRET_PARAMS), re.IGNORECASE)
 
@@ -316,7 +317,11 @@ class RedactQueryFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple) and record.args:
-            record.args = tuple(redact_query(a) if isinstance(a, str) else a for a in record.args)
+            args = [redact_query(a) if isinstance(a, str) else a for a in record.args]
+            for i in range(len(args) - 1):  # websockets' debug log of headers: ("< %s: %s", name, value)
+                if isinstance(args[i], str) and args[i].lower() in SECRET_HEADERS:
+                    args[i + 1] = "***"
+            record.args = tuple(args)
         elif isinstance(record.msg, str):
             record.msg = redact_query(record.msg)
         return True

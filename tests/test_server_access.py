@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -208,3 +209,20 @@ def test_lenient_query_values_are_refused_with_a_kind5_error(models, query, mess
 
         with pytest.raises(ServerError, match=message):
             asyncio.run(connect())
+
+
+def test_the_key_never_reaches_the_log(models, caplog, capfd):
+    """Query keys are logged as api_key=***; not even the debug log of headers shows a Bearer key."""
+    import logging
+
+    with live_server(models, api_keys=(KEY,)) as server:
+        caplog.set_level(logging.DEBUG, logger="uvicorn.error")
+        caplog.set_level(logging.DEBUG, logger="uvicorn.access")
+        assert upgrade_status(server, f"/api/chat?text_topk=5&api_key={KEY}").startswith("HTTP/1.1 101")
+        assert upgrade_status(server, "/api/chat?api_key=wrong-key-000000").startswith("HTTP/1.1 401")
+        assert upgrade_status(server, headers={"Authorization": f"Bearer {KEY}"}).startswith("HTTP/1.1 101")
+        http_get(server, f"/api/info?api_key={KEY}")
+        time.sleep(0.3)
+    logged = capfd.readouterr().err + caplog.text
+    assert "api_key=***" in logged and "WebSocket /api/chat" in logged
+    assert KEY not in logged and "wrong-key-000000" not in logged

@@ -213,7 +213,8 @@ def test_a_stream_that_does_not_start_with_opushead_is_refused(server):
     ws.close()
     errors, code = errors_and_close(data)
     assert code == 1008 and errors == [
-        "the Ogg stream does not start with an OpusHead header (only Opus is accepted)"]
+        "audio is not a valid Ogg/Opus stream: the stream does not start with an OpusHead header "
+        "(only Opus is accepted)"]
 
 
 def test_ogg_crc_matches_the_bitwise_definition_and_sphn_pages_pass():
@@ -228,7 +229,7 @@ def test_ogg_crc_matches_the_bitwise_definition_and_sphn_pages_pass():
     for start in range(0, len(stream), 37):  # pages split across messages anywhere
         checker.feed(stream[start:start + 37])
     assert checker.pages >= 20
-    with pytest.raises(OggError, match="not an Ogg stream"):
+    with pytest.raises(OggError, match="not a valid Ogg/Opus stream: no OggS page header"):
         OggPageChecker().feed(b"RIFF....")
 
 
@@ -253,3 +254,43 @@ def test_logs_never_record_an_api_key(caplog):
                                ("127.0.0.1:5", "/api/chat?api_key=s3cret-key"), None)
     RedactQueryFilter().filter(record)
     assert "s3cret" not in record.getMessage()
+
+
+# ---------------------------------------------------------------------------------------- item 1 (transport)
+def test_backpressure_does_not_starve_the_keepalive(models, monkeypatch):
+    """A client far ahead of real time: the server stops reading, so the client's pong waits behind its audio.
+    The keepalive (here 0.5 s + 0.5 s) must not take that for a dead peer (it used to close 1011 at 40 s)."""
+    import asyncio
+
+    from server_harness import SlowFakeEngine, synth_audio
+
+    from duplex.client.client import AudioEvent, DuplexClient, ErrorEvent
+    from duplex.server import transport
+
+    monkeypatch.setattr(transport, "KEEPALIVE_PING_SECONDS", 0.5)
+    monkeypatch.setattr(transport, "KEEPALIVE_TIMEOUT_SECONDS", 0.5)
+    with live_server(models, engine=SlowFakeEngine(1, 0.01), max_sessions=1) as server:
+        assert server.server.config.ws_ping_interval == 0.5
+
+        async def scenario():
+            client = await DuplexClient.connect(server.url, timeout=10)
+            sender = asyncio.ensure_future(client.send_pcm(synth_audio(1200, 4)))  # 96 s, as fast as TCP takes
+            received, errors = [], []
+            try:
+                async with asyncio.timeout(5.0):
+                    async for event in client:
+                        if isinstance(event, AudioEvent):
+                            received.append(time.monotonic())
+                        elif isinstance(event, ErrorEvent):
+                            errors.append(event.message)
+                            break
+            except TimeoutError:
+                pass
+            sender.cancel()
+            await client.close()
+            return received, errors
+
+        started = time.monotonic()
+        received, errors = asyncio.run(scenario())
+    assert errors == [], errors
+    assert received and received[-1] - started > 4.0  # still streaming long after 2 keepalive periods
