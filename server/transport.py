@@ -14,7 +14,8 @@ size limit is closed with 1009 but no kind-5 error. The subclasses below close t
   app as text (which the session refuses with its kind-5 error) instead of logging a traceback; limits
   pings per connection (a token bucket) and never queues a pong while the client does not read; closes a
   fragmented message left unfinished for ``fragment_seconds``; does not let the keepalive kill a client
-  whose pong is merely waiting behind audio the server has not read yet (backpressure, not a dead peer).
+  that keeps sending while its pong waits behind audio the server has not read yet (backpressure, not a
+  dead peer; a peer that sends nothing for a ping period and its timeout is still closed 1011).
 
 :func:`harden_config` installs them, with the matching uvicorn options, on a ``uvicorn.Config``.
 """
@@ -140,6 +141,7 @@ class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
         self.conn.send_frame = self._send_frame_limited
         self._fragment_timer = None
         self._accept_timer = None
+        self._last_data_at = 0.0  # loop time of the last bytes received (keepalive: see keepalive_timeout)
 
     # ------------------------------------------------------------------ handshake
     def connection_made(self, transport) -> None:
@@ -155,6 +157,7 @@ class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        self._last_data_at = self.loop.time()
         super().data_received(data)
         if not self.handshake_initiated and self.conn.handshake_exc is not None and not self.transport.is_closing():
             # websockets refused the request head (line too long, too many headers) and queued its 414/431
@@ -249,9 +252,10 @@ class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
         super().handle_ping()
 
     def keepalive_timeout(self) -> None:
-        if self.read_paused and not self.transport.is_closing() and not self.close_sent:
-            # The peer's pong is queued behind messages the app has not read yet (it sends faster than real
-            # time): it is alive. Wait another period instead of killing it; the session rules apply.
+        if self._last_data_at > self.ping_sent_at and not self.transport.is_closing() and not self.close_sent:
+            # Bytes arrived since the ping: the peer is alive, its pong is only queued behind data the server
+            # has not read yet (backpressure on a client faster than real time). Wait another period instead
+            # of killing it; the session's own rules (too slow, time limit) still apply.
             self.pong_timer = self.loop.call_later(self.ping_timeout, self.keepalive_timeout)
             return
         super().keepalive_timeout()

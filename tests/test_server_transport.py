@@ -294,3 +294,18 @@ def test_backpressure_does_not_starve_the_keepalive(models, monkeypatch):
         received, errors = asyncio.run(scenario())
     assert errors == [], errors
     assert received and received[-1] - started > 4.0  # still streaming long after 2 keepalive periods
+
+
+def test_a_silent_peer_is_still_closed_by_the_keepalive(models, monkeypatch):
+    from duplex.server import transport
+
+    monkeypatch.setattr(transport, "KEEPALIVE_PING_SECONDS", 0.3)
+    monkeypatch.setattr(transport, "KEEPALIVE_TIMEOUT_SECONDS", 0.3)
+    with live_server(models, max_sessions=1) as server:
+        ws = session(server)  # never answers the pings, sends nothing
+        started = time.monotonic()
+        data = ws.read_all(timeout=5)
+        ws.close()
+    pings = [f for f in parse_frames(data) if f[0] == OP_PING]
+    _, code = errors_and_close(data)
+    assert pings and code == 1011 and time.monotonic() - started < 4
