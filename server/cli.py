@@ -76,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--handshake-seconds", type=bounded(float, 0.1, 3600), default=defaults.handshake_seconds,
                         help="time allowed for a request head, a websocket upgrade, or one fragmented message "
                         f"(default: {defaults.handshake_seconds:g})")
+    limits.add_argument("--first-audio-seconds", type=bounded(float, 0, DAY), default=defaults.first_audio_seconds,
+                        help="a session whose client sends no audio this long after the handshake ends with an "
+                        f"error, freeing its slot (default: {defaults.first_audio_seconds:g}; 0 = no deadline)")
     serving = parser.add_argument_group("sessions")
     serving.add_argument("--max-sessions", type=bounded(int, 1, 4096), default=defaults.max_sessions,
                          help="conversations served at once = batch size of the model step "
@@ -146,6 +149,7 @@ def settings_from_args(args: argparse.Namespace, environ=os.environ) -> ServerSe
         client_connections_per_minute=getattr(args, "client_connections_per_minute",
                                               defaults.client_connections_per_minute),
         handshake_seconds=getattr(args, "handshake_seconds", defaults.handshake_seconds),
+        first_audio_seconds=getattr(args, "first_audio_seconds", defaults.first_audio_seconds),
         shutdown_drain_seconds=getattr(args, "drain_seconds", defaults.shutdown_drain_seconds),
         metrics_port=getattr(args, "metrics_port", None), demo=bool(getattr(args, "demo", False)), **extra,
     )

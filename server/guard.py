@@ -20,11 +20,13 @@ Each refusal counts in ``duplex_refused_requests{reason}``. HTTP API endpoints (
 ``/api/capacity``, ``/metrics``) need the key too when keys are configured; the page, its files,
 ``/healthz`` and ``/readyz`` never do. Every HTTP response gets the security headers of
 :data:`SECURITY_HEADERS`. Audio messages of an accepted session pass an :class:`OggPageChecker`; a bad
-page ends the session with a kind-5 error and close 1008.
+page ends the session with a kind-5 error and close 1008, and so does a client that sends no audio within
+``first_audio_seconds`` of its handshake (see :class:`GuardedChat`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -228,43 +230,84 @@ class Guard:
             return
         self.limits.opened(client)
         try:
-            await self.app(scope, *_checked_audio(receive, send, self.service))
+            chat = GuardedChat(receive, send, self.service)
+            await self.app(scope, chat.receive, chat.send)
         finally:
             self.limits.closed(client)
 
 
-def _checked_audio(receive, send, service: DuplexService):
-    """(receive, send) for the app where every kind-1 message passes an Ogg page check first."""
-    checker = OggPageChecker()
-    state = {"closed": False}
+class GuardedChat:
+    """The (receive, send) pair the app sees for one accepted /api/chat connection.
 
-    async def checked_receive():
-        if state["closed"]:
+    * every kind-1 message passes an :class:`OggPageChecker` first;
+    * after the handshake (kind 0) the client must send audio within ``first_audio_seconds`` (0 = no
+      deadline), else the session ends with a kind-5 error: a silent client does not hold a slot.
+
+    A refusal sends the kind-5 error and close 1008 itself; the app then reads a disconnect, and its later
+    sends fail as they would for a client that left.
+    """
+
+    def __init__(self, receive, send, service: DuplexService) -> None:
+        self._receive, self._send = receive, send
+        self.service = service
+        self.checker = OggPageChecker()
+        self.closed = False
+        self.audio_seen = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def receive(self) -> dict:
+        if self.closed:
             return {"type": "websocket.disconnect", "code": 1008}
-        message = await receive()
+        message = await self._receive()
         data = message.get("bytes") if message.get("type") == "websocket.receive" else None
         if data and data[0] == protocol.MessageKind.AUDIO:
+            self.audio_seen = True
+            self._cancel_timer()
             try:
-                checker.feed(data[1:])
+                self.checker.feed(data[1:])
             except OggError as exc:
-                service.metrics.refused.labels("bad_audio").inc()
-                state["closed"] = True
-                try:
-                    await send({"type": "websocket.send", "bytes": protocol.encode_error(str(exc))})
-                    await send({"type": "websocket.close", "code": 1008})
-                except Exception:  # noqa: BLE001 - the client is gone already
-                    logger.debug("could not refuse a bad audio stream", exc_info=True)
+                await self.refuse("bad_audio", str(exc))
                 return {"type": "websocket.disconnect", "code": 1008}
+        elif message.get("type") == "websocket.disconnect":
+            self._cancel_timer()
         return message
 
-    async def guarded_send(message) -> None:
-        if state["closed"]:
+    async def send(self, message: dict) -> None:
+        if self.closed:
             if message.get("type") == "websocket.send":
-                raise ConnectionError("the session was closed for bad audio")
+                raise ConnectionError("the session was closed by the server's guard")
             return  # the close was sent already
-        await send(message)
+        await self._send(message)
+        data = message.get("bytes") if message.get("type") == "websocket.send" else None
+        deadline = self.service.settings.first_audio_seconds
+        if data and data[0] == protocol.MessageKind.HANDSHAKE and deadline > 0 and not self.audio_seen:
+            self._timer = asyncio.get_running_loop().call_later(deadline, self._no_audio, deadline)
+        elif message.get("type") == "websocket.close":
+            self._cancel_timer()
 
-    return checked_receive, guarded_send
+    def _no_audio(self, deadline: float) -> None:
+        self._timer = None
+        if not self.audio_seen and not self.closed:
+            text = f"no audio received within {deadline:g} s of the start of the session"
+            asyncio.ensure_future(self.refuse("no_audio", text))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def refuse(self, reason: str, text: str) -> None:
+        """End the connection with a kind-5 ``text`` and close 1008 (counted by ``reason``)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._cancel_timer()
+        self.service.metrics.refused.labels(reason).inc()
+        try:
+            await self._send({"type": "websocket.send", "bytes": protocol.encode_error(text)})
+            await self._send({"type": "websocket.close", "code": 1008})
+        except Exception:  # noqa: BLE001 - the client is gone already
+            logger.debug("could not send the refusal %r", text, exc_info=True)
 
 
 async def _plain_response(send, status: int, text: str, headers: list | None = None) -> None:

@@ -60,8 +60,8 @@ class ServerMetrics:
                                 registry=r)
         self.refused = Counter(
             "duplex_refused_requests", "Requests refused before any session (HTTP status): rate_limited, "
-            "forbidden_origin, unauthorized, too_many_connections; bad_audio = a session closed for "
-            "an invalid Ogg stream", ["reason"], registry=r,
+            "forbidden_origin, unauthorized, too_many_connections; bad_audio / no_audio = a session closed "
+            "for an invalid Ogg stream / for sending no audio after its handshake", ["reason"], registry=r,
         )
         self.transport_closed = Counter(
             "duplex_transport_closed", "Connections closed by a transport bound: handshake_timeout, "

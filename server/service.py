@@ -40,6 +40,7 @@ class ServerSettings:
     max_client_connections: int = 32  # open /api/chat connections per client address (0 = no limit)
     client_connections_per_minute: float = 600.0  # new /api/chat connections per client address (0 = no limit)
     handshake_seconds: float = 10.0  # connection -> complete request head / upgrade / finished message
+    first_audio_seconds: float = 30.0  # handshake -> the client's first audio message (0 = no deadline)
     shutdown_drain_seconds: float = 30.0  # on SIGTERM: how long active calls may go on (then "server restarting")
     instance_name: str = field(default_factory=socket.gethostname)  # reported to Kyutai's web client
     metrics_port: int | None = None  # serve /metrics on this port (no key needed) instead of the main one
@@ -47,7 +48,7 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         """Refuse nonsense (nan, inf, negative sizes) with a ValueError naming the setting."""
-        for name in ("max_session_seconds", "grace_ms", "drain_seconds", "handshake_seconds",
+        for name in ("max_session_seconds", "grace_ms", "drain_seconds", "handshake_seconds", "first_audio_seconds",
                      "shutdown_drain_seconds", "client_connections_per_minute"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:

@@ -226,3 +226,27 @@ def test_the_key_never_reaches_the_log(models, caplog, capfd):
     logged = capfd.readouterr().err + caplog.text
     assert "api_key=***" in logged and "WebSocket /api/chat" in logged
     assert KEY not in logged and "wrong-key-000000" not in logged
+
+
+def test_a_client_that_sends_no_audio_after_the_handshake_is_ended(models):
+    from duplex.client.client import ErrorEvent
+
+    with live_server(models, max_sessions=1, first_audio_seconds=0.5) as server:
+        async def silent():
+            client = await DuplexClient.connect(server.url, timeout=10)
+            try:
+                while True:
+                    event = await client.next_event(timeout=10)
+                    if event is None or isinstance(event, ErrorEvent):
+                        return event
+            finally:
+                await client.close()
+
+        event = asyncio.run(silent())
+        assert isinstance(event, ErrorEvent)
+        assert event.message == "no audio received within 0.5 s of the start of the session"
+        assert refused(server, "no_audio") == 1
+        deadline = time.monotonic() + 10
+        while server.service.admission.active:  # the slot is free again
+            assert time.monotonic() < deadline
+            time.sleep(0.05)

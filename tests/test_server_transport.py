@@ -274,10 +274,11 @@ def test_backpressure_does_not_starve_the_keepalive(models, monkeypatch):
 
         async def scenario():
             client = await DuplexClient.connect(server.url, timeout=10)
+            connected.append(time.monotonic())
             sender = asyncio.ensure_future(client.send_pcm(synth_audio(1200, 4)))  # 96 s, as fast as TCP takes
             received, errors = [], []
             try:
-                async with asyncio.timeout(5.0):
+                async with asyncio.timeout(7.0):
                     async for event in client:
                         if isinstance(event, AudioEvent):
                             received.append(time.monotonic())
@@ -290,10 +291,10 @@ def test_backpressure_does_not_starve_the_keepalive(models, monkeypatch):
             await client.close()
             return received, errors
 
-        started = time.monotonic()
+        connected: list[float] = []
         received, errors = asyncio.run(scenario())
     assert errors == [], errors
-    assert received and received[-1] - started > 4.0  # still streaming long after 2 keepalive periods
+    assert received and received[-1] - connected[0] > 5.0  # still streaming long after 5 keepalive periods
 
 
 def test_a_silent_peer_is_still_closed_by_the_keepalive(models, monkeypatch):
