@@ -71,7 +71,7 @@ def build_demo_models(device: str | torch.device = "cpu"):
     from duplex.codec.mimi import Mimi
     from duplex.model.config import LMConfig
     from duplex.model.lm import LMModel
-    from duplex.server.models import LoadedModels, codebooks_needed, lm_gen_defaults
+    from duplex.bundle import LoadedModels, codebooks_needed, lm_gen_defaults
 
     device = torch.device(device)
     generator_state = torch.random.get_rng_state()
