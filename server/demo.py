@@ -71,7 +71,7 @@ def build_demo_models(device: str | torch.device = "cpu"):
     from duplex.codec.mimi import Mimi
     from duplex.model.config import LMConfig
     from duplex.model.lm import LMModel
-    from duplex.bundle import LoadedModels, codebooks_needed, lm_gen_defaults
+    from duplex.bundle import ModelBundle, codebooks_needed, lm_gen_defaults
 
     device = torch.device(device)
     generator_state = torch.random.get_rng_state()
@@ -85,5 +85,5 @@ def build_demo_models(device: str | torch.device = "cpu"):
     mimi = mimi.to(device=device, dtype=torch.float32).eval()
     lm = lm.to(device=device, dtype=torch.float32).eval()
     logger.info("demo mode: tiny random models built in memory (the model speaks noise)")
-    return LoadedModels(mimi=mimi, lm=lm, lm_gen_defaults=lm_gen_defaults({}), tokenizer=DemoTokenizer(),
+    return ModelBundle(mimi=mimi, lm=lm, lm_gen_defaults=lm_gen_defaults({}), tokenizer=DemoTokenizer(),
                         model_name=DEMO_MODEL_NAME, device=device, dtype=torch.float32, config=dict(_LM_CONFIG))
