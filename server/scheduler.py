@@ -121,11 +121,20 @@ class Scheduler:
         with self._cond:
             return [h.lag(now, self.frame_seconds) for h in self._handles if h is not None]
 
+    def lag_seconds(self) -> float:
+        """The largest session lag now (seconds; 0 when every session is on time or none is bound)."""
+        return max(self.lags(), default=0.0)
+
+    def capacity(self) -> dict:
+        """The scheduler's part of GET /api/capacity (merged in by DuplexService.capacity)."""
+        return {"max_lag_s": round(self.lag_seconds(), 4), "real_time_factor": round(self.real_time_factor, 4),
+                "accepting": self.accepting()}
+
     def accepting(self) -> bool:
         """May a new session start now? Not after a fatal failure, nor while a session lags > max_lag_s."""
         if self.error is not None:
             return False
-        return self.max_lag_s <= 0 or max(self.lags(), default=0.0) <= self.max_lag_s
+        return self.max_lag_s <= 0 or self.lag_seconds() <= self.max_lag_s
 
     @property
     def real_time_factor(self) -> float:
