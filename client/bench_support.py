@@ -138,6 +138,8 @@ class ServerThread:
         config = uvicorn.Config(self.app, log_level="warning", ws="websockets-sansio", lifespan="on",
                                 **(uvicorn_options or {}))
         self.server = GracefulServer(config, self.app)
+        for name, value in (uvicorn_options or {}).items():  # over the server's own transport settings
+            setattr(config, name, value)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
                                        name="duplex-server", daemon=True)
 

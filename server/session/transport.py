@@ -1,7 +1,8 @@
 """How much of a session's output still sits on the server's side of the connection.
 
 ASGI hides the socket, so this finds the server protocol's asyncio transport behind the websocket's
-``send`` callable (uvicorn's protocol object, possibly wrapped in closures by Starlette); where it
+``send`` callable (uvicorn's protocol object, possibly wrapped in closures by Starlette or in objects
+that keep the next ``send`` as ``_send``, like duplex's guard); where it
 cannot, every figure is 0 and the slow-client rule falls back to the outbox alone. The bytes unsent
 are the transport's write buffer plus, on Linux, the kernel's send queue (``TIOCOUTQ``: bytes not
 yet acknowledged by the client's TCP stack): a client that does not read stops acknowledging once its
@@ -18,7 +19,7 @@ import termios
 logger = logging.getLogger(__name__)
 
 
-def find_transport(websocket, depth: int = 4):
+def find_transport(websocket, depth: int = 6):
     """The asyncio transport of a Starlette websocket served by uvicorn, or None."""
     return _search(getattr(websocket, "_send", None), depth)
 
@@ -30,6 +31,11 @@ def _search(obj, depth: int):
     transport = getattr(owner, "transport", None)
     if transport is not None and hasattr(transport, "get_write_buffer_size"):
         return transport
+    inner = getattr(owner, "_send", None)  # a wrapper object that forwards to the next send
+    if inner is not None and inner is not obj:
+        found = _search(inner, depth - 1)
+        if found is not None:
+            return found
     for cell in getattr(obj, "__closure__", None) or ():
         try:
             found = _search(cell.cell_contents, depth - 1)
