@@ -91,20 +91,24 @@ class LMModel(nn.Module):
     # ----------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, weights: str | Path | dict[str, torch.Tensor], config: LMConfig | None = None,
-                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16) -> "LMModel":
-        """Load Kyutai's safetensors (path or state dict) strictly; see ``duplex.model.loading``."""
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                        quantize: str | None = None) -> "LMModel":
+        """Load Kyutai's safetensors (path or state dict) strictly; see ``duplex.model.loading``.
+
+        ``quantize``: None, "int8" or "int4" (a Kyutai q8 file is recognised by itself).
+        """
         from .loading import load_lm
 
-        return load_lm(weights, config=config, device=device, dtype=dtype)
+        return load_lm(weights, config=config, device=device, dtype=dtype, quantize=quantize)
 
     # ----------------------------------------------------------------- building blocks
     @property
     def device(self) -> torch.device:
-        return self.text_linear.weight.device
+        return self.text_emb.weight.device  # an embedding: stays floating when linears are quantized
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.text_linear.weight.dtype
+        return self.text_emb.weight.dtype
 
     def initial_tokens(self, device=None) -> torch.Tensor:
         """The token fed before a stream starts, per stream: [1 + n_q] (text_card, then card)."""
