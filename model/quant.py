@@ -28,7 +28,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 QUANTIZE_MODES = ("int8", "int4")
-INT4_GROUP_SIZE = 64  # see the README: error vs speed vs size measured for 32 / 64 / 128
+INT4_GROUP_SIZE = 32  # measured (README "Quantization"): least error, same speed as 64 / 128
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -208,3 +208,24 @@ def weight_bytes(model: nn.Module) -> int:
     """Bytes held by the model's parameters and buffers (what its weights take in memory)."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def quantize_model(model: nn.Module, mode: str, compute_dtype: torch.dtype | None = None,
+                   group_size: int = INT4_GROUP_SIZE, keep_float=lambda name: False) -> nn.Module:
+    """Replace every nn.Linear of an in-memory model by its quantized layer, one layer at a time.
+
+    ``keep_float(name)``: module names to leave floating. Returns ``model`` (changed in place).
+    """
+    check_mode(mode)
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for name in names:
+        if keep_float(name):
+            continue
+        linear = model.get_submodule(name)
+        if linear.bias is not None:
+            raise QuantizeError(f"{name} has a bias: only bias-free linear layers are quantized")
+        weight = linear.weight.detach()
+        layer = quantize_weight(weight, mode, compute_dtype or weight.dtype, weight.device, group_size)
+        model.set_submodule(name, layer)
+        del linear, weight
+    return model
