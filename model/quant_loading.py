@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ from .spelling import fused_groups, shapes_in_file_spelling
 
 logger = logging.getLogger(__name__)
 
+WeightHook = Callable[[str, torch.Tensor], torch.Tensor]
 SCALE_SUFFIX = "_scb"  # Kyutai q8: <weight key>_scb, float32 [out] = absmax of each row
 
 
@@ -145,22 +146,26 @@ class _LayerBuilder:
     """Turns one file weight (float or q8) into the layer(s) it fills, on the target device."""
 
     def __init__(self, quantize: str | None, device: torch.device, dtype: torch.dtype,
-                 compute_dtype: torch.dtype, group_size: int) -> None:
+                 compute_dtype: torch.dtype, group_size: int, weight_hook: WeightHook | None = None) -> None:
         self.quantize, self.device, self.dtype = quantize, device, dtype
         self.compute_dtype, self.group_size = compute_dtype, group_size
+        self.weight_hook = weight_hook
         self.kinds: Counter[str] = Counter()
 
-    def build(self, weight: torch.Tensor, scb: torch.Tensor | None) -> nn.Module:
-        """weight [N, K] (int8 with scb [N], or float) -> the layer."""
-        if scb is not None and self.quantize in (None, "int8"):
+    def build(self, name: str, weight: torch.Tensor, scb: torch.Tensor | None) -> nn.Module:
+        """weight [N, K] (int8 with scb [N], or float) of module ``name`` -> the layer."""
+        if scb is not None and self.quantize in (None, "int8") and self.weight_hook is None:
             layer = Int8Linear(weight.to(self.device), scb.to(self.device, torch.float32) / 127.0, self.compute_dtype)
         else:
-            if scb is not None:  # q8 -> int4: through the dequantized float32 weight of this layer only
+            if scb is not None:  # q8 -> int4 (or hooked): through the float32 weight of this layer only
                 weight = weight.to(self.device).float() * (scb.to(self.device, torch.float32) / 127.0)[:, None]
-            if self.quantize is None:
+            if self.weight_hook is not None:  # e.g. a LoRA merge, before quantizing
+                weight = self.weight_hook(name, weight.to(self.device))
+            if self.quantize is None and scb is None:
                 layer = _float_linear(weight.to(self.device, self.dtype))
             else:
-                layer = quantize_weight(weight, self.quantize, self.compute_dtype, self.device, self.group_size)
+                layer = quantize_weight(weight, self.quantize or "int8", self.compute_dtype, self.device,
+                                        self.group_size)
         self.kinds[type(layer).__name__] += 1
         return layer
 
@@ -168,13 +173,15 @@ class _LayerBuilder:
 def load_quantized_lm(weights: str | Path | Mapping[str, torch.Tensor], config: LMConfig,
                       device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                       quantize: str | None = None, group_size: int = INT4_GROUP_SIZE,
-                      compute_dtype: torch.dtype | None = None) -> LMModel:
+                      compute_dtype: torch.dtype | None = None, weight_hook: WeightHook | None = None) -> LMModel:
     """Load ``weights`` (a q8 or float checkpoint, either spelling) with quantized linear layers.
 
     quantize: None keeps a q8 file's int8 layers as they are (and a float file float), "int8" /
     "int4" quantize every float linear weight while it is read (a q8 file's int8 weights are
     already int8; with "int4" they are re-quantized). dtype: the floating tensors' dtype;
-    compute_dtype: the dtype quantized layers compute in (default: ``dtype``).
+    compute_dtype: the dtype quantized layers compute in (default: ``dtype``). weight_hook(name,
+    weight [N, K]) -> weight: applied to every linear weight, in float, before it is quantized
+    (e.g. merging a LoRA adapter, layer by layer).
     """
     check_mode(quantize)
     config_quantize_flag(config)
@@ -190,7 +197,7 @@ def load_quantized_lm(weights: str | Path | Mapping[str, torch.Tensor], config: 
     with torch.device("meta"):
         model = LMModel(config)
     groups = check_quantized_checkpoint(model, reader, source)
-    builder = _LayerBuilder(quantize, device, dtype, compute_dtype, group_size)
+    builder = _LayerBuilder(quantize, device, dtype, compute_dtype, group_size, weight_hook)
     for key in reader.keys():
         if key.endswith(SCALE_SUFFIX):
             continue  # read with its weight
@@ -218,4 +225,4 @@ def _load_linear(model: nn.Module, names: list[str], weight: torch.Tensor, scb: 
     weights = torch.split(weight, rows, dim=0)
     scales = torch.split(scb, rows, dim=0) if scb is not None else [None] * len(names)
     for name, piece, scale in zip(names, weights, scales, strict=True):
-        model.set_submodule(name, builder.build(piece, scale))
+        model.set_submodule(name, builder.build(name, piece, scale))

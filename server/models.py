@@ -94,6 +94,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=sorted(DTYPES), default=None,
         help="LM weight dtype (default: bfloat16 on cuda, float32 on cpu); Mimi always runs in float32",
     )
+    from duplex.model.quant_cli import add_quantize_argument
+
+    add_quantize_argument(group)
 
 
 def load_models(args: argparse.Namespace) -> LoadedModels:
@@ -122,7 +125,7 @@ def load_models(args: argparse.Namespace) -> LoadedModels:
     name = describe_model(explicit["moshi_weight"], repo, lm_path)
     return load_models_from_paths(
         lm_path, mimi_path, tokenizer_path, config=config, mimi_config=mimi_config_path,
-        device=device, dtype=dtype, model_name=name,
+        device=device, dtype=dtype, model_name=name, quantize=getattr(args, "quantize", None),
     )
 
 
@@ -135,8 +138,12 @@ def load_models_from_paths(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     model_name: str | None = None,
+    quantize: str | None = None,
 ) -> LoadedModels:
-    """Load from local files. ``config`` is a Kyutai LM config (dict or path; None = 7B preset)."""
+    """Load from local files. ``config`` is a Kyutai LM config (dict or path; None = 7B preset).
+
+    ``quantize``: None, "int8" or "int4" (see ``duplex.model.quant_loading``).
+    """
     from duplex.codec.config import MimiConfig
     from duplex.codec.mimi import Mimi
     from duplex.model.config import LMConfig
@@ -159,7 +166,8 @@ def load_models_from_paths(
                                                num_codebooks=codebooks_needed(lm_config),
                                                device=device, dtype=torch.float32),
                   "Mimi codec weights", mimi_weight)
-    lm = _build(lambda: LMModel.from_pretrained(moshi_weight, config=lm_config, device=device, dtype=dtype),
+    lm = _build(lambda: LMModel.from_pretrained(moshi_weight, config=lm_config, device=device, dtype=dtype,
+                                                quantize=quantize),
                 "Moshi LM weights", moshi_weight)
     lm.eval()
     mimi.eval()
