@@ -92,14 +92,16 @@ class LMModel(nn.Module):
     @classmethod
     def from_pretrained(cls, weights: str | Path | dict[str, torch.Tensor], config: LMConfig | None = None,
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                        quantize: str | None = None) -> "LMModel":
+                        quantize: str | None = None, compute_dtype: torch.dtype | None = None) -> "LMModel":
         """Load Kyutai's safetensors (path or state dict) strictly; see ``duplex.model.loading``.
 
-        ``quantize``: None, "int8" or "int4" (a Kyutai q8 file is recognised by itself).
+        ``quantize``: None, "int8" or "int4" (a Kyutai q8 file is recognised by itself);
+        ``compute_dtype``: the dtype quantized layers compute in (default ``dtype``).
         """
         from .loading import load_lm
 
-        return load_lm(weights, config=config, device=device, dtype=dtype, quantize=quantize)
+        return load_lm(weights, config=config, device=device, dtype=dtype, quantize=quantize,
+                       compute_dtype=compute_dtype)
 
     # ----------------------------------------------------------------- building blocks
     @property

@@ -21,8 +21,8 @@ logger = logging.getLogger(__name__)
 
 QUANTIZE_HELP = ("quantize the LM's linear layers while loading: int8 (per output channel) or int4 (groups "
                  "of 32); embeddings and norms stay floating. A Kyutai q8 checkpoint (config \"quantize\": "
-                 "true, <key>_scb scales) runs as int8 without this flag. The layers compute in --dtype: "
-                 "on CPU use --dtype bfloat16, where the int8/int4 kernels are fast")
+                 "true, <key>_scb scales) runs as int8 without this flag. The quantized layers compute in --dtype, "
+                 "except in a float32 model on CPU, where they compute in bfloat16 (their fast kernels)")
 
 
 def add_quantize_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

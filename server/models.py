@@ -166,8 +166,10 @@ def load_models_from_paths(
                                                num_codebooks=codebooks_needed(lm_config),
                                                device=device, dtype=torch.float32),
                   "Mimi codec weights", mimi_weight)
+    from duplex.model.quant_loading import fast_compute_dtype
+
     lm = _build(lambda: LMModel.from_pretrained(moshi_weight, config=lm_config, device=device, dtype=dtype,
-                                                quantize=quantize),
+                                                quantize=quantize, compute_dtype=fast_compute_dtype(dtype, device)),
                 "Moshi LM weights", moshi_weight)
     lm.eval()
     mimi.eval()
