@@ -44,12 +44,24 @@ def check_mode(quantize: str | None) -> str | None:
 
 
 # ----------------------------------------------------------------- quantizers
+CHUNK_ELEMENTS = 2**24  # rows are quantized in chunks of this many weights: bounded float32 temporaries
+
+
+def _row_chunks(rows: int, cols: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: weight [N, K] float -> (q int8 [N, K], scale float32 [N])."""
-    w = weight.float()
-    absmax = w.abs().amax(dim=1)  # [N]
-    scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    rows, cols = weight.shape
+    q = torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(rows, dtype=torch.float32, device=weight.device)
+    for part in _row_chunks(rows, cols):
+        w = weight[part].to(torch.float32, copy=True)  # [n, K], a copy: changed in place below
+        absmax = w.abs().amax(dim=1)  # [n]
+        scale[part] = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+        q[part] = torch.round(w.div_(scale[part, None])).clamp_(-127, 127)
     return q, scale
 
 
@@ -64,13 +76,15 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     Dequantized: (q - 8) · scale + zero, with zero = min + 8 · scale (the tinygemm convention).
     """
     rows, cols = weight.shape
-    groups = weight.float().reshape(rows, cols // group_size, group_size)  # [N, G, g]
-    low, high = groups.amin(dim=2), groups.amax(dim=2)  # [N, G]
-    scale = ((high - low) / 15.0).clamp_(min=1e-8)
-    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.int32)
-    zero = low + 8.0 * scale
-    scales_and_zeros = torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous()  # [G, N, 2]
-    return q.reshape(rows, cols), scales_and_zeros
+    q = torch.empty(rows, cols, dtype=torch.int32, device=weight.device)
+    scales_and_zeros = torch.empty(cols // group_size, rows, 2, dtype=torch.float32, device=weight.device)
+    for part in _row_chunks(rows, cols):
+        groups = weight[part].to(torch.float32, copy=True).reshape(-1, cols // group_size, group_size)  # [n, G, g]
+        low, high = groups.amin(dim=2), groups.amax(dim=2)  # [n, G]
+        scale = ((high - low) / 15.0).clamp_(min=1e-8)
+        q[part] = torch.round(groups.sub_(low[..., None]).div_(scale[..., None])).clamp_(0, 15).reshape(-1, cols)
+        scales_and_zeros[:, part] = torch.stack([scale, low + 8.0 * scale], dim=2).transpose(0, 1)  # [G, n, 2]
+    return q, scales_and_zeros
 
 
 def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:

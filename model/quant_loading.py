@@ -178,7 +178,7 @@ class _LayerBuilder:
         return layer
 
 
-def load_quantized_lm(weights: str | Path | Mapping[str, torch.Tensor], config: LMConfig,
+def load_quantized_lm(weights: str | Path | Mapping[str, torch.Tensor] | TensorReader, config: LMConfig,
                       device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                       quantize: str | None = None, group_size: int = INT4_GROUP_SIZE,
                       compute_dtype: torch.dtype | None = None, weight_hook: WeightHook | None = None) -> LMModel:
@@ -197,8 +197,10 @@ def load_quantized_lm(weights: str | Path | Mapping[str, torch.Tensor], config: 
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     device = torch.device(device)
     compute_dtype = compute_dtype or dtype  # exact weight-only semantics unless asked otherwise
-    source = describe_source(weights, "LM")
-    reader = TensorReader(weights)
+    if isinstance(weights, TensorReader):  # e.g. the 7B memory measurement's random checkpoint
+        reader, source = weights, f"the LM checkpoint {weights.what}"
+    else:
+        reader, source = TensorReader(weights), describe_source(weights, "LM")
     if config_quantize_flag(config) and not any(key.endswith(SCALE_SUFFIX) for key in reader.shapes):
         raise CheckpointMismatchError(f"the LM config says \"quantize\": true but {source} holds no q8 scales "
                                       f"(<key>{SCALE_SUFFIX}): is it the q8 weights file?")

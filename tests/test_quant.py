@@ -115,3 +115,16 @@ def test_quantized_weights_are_smaller(fixtures_dir):
     assert sizes[None] - sizes["int8"] > 0.7 * 3 * linear_floats
     assert sizes["int4"] < sizes["int8"]
     assert INT4_GROUP_SIZE == 32
+
+
+def test_quantizers_work_in_row_chunks_and_leave_the_input_alone(monkeypatch):
+    from duplex.model import quant
+
+    weight = torch.randn(48, 64)
+    original = weight.clone()
+    whole = quantize_int8(weight), quantize_int4(weight, 32)
+    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 100)  # one row (64 weights) at a time
+    chunked = quantize_int8(weight), quantize_int4(weight, 32)
+    assert torch.equal(weight, original)
+    for (q_whole, s_whole), (q_chunked, s_chunked) in zip(whole, chunked):
+        assert torch.equal(q_whole, q_chunked) and torch.equal(s_whole, s_chunked)
