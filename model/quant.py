@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 QUANTIZE_MODES = ("int8", "int4")
 INT4_GROUP_SIZE = 32  # measured (README "Quantization"): least error, same speed as 64 / 128
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+# torch 2.13's CPU _weight_int8pack_mm crashes or returns garbage when in_features is not a multiple of 8
+# (measured for K = 1..7, 9, 12, 20, 100, 132, ...): such layers dequantize instead.
+INT8_KERNEL_K_MULTIPLE = 8
 
 
 class QuantizeError(ValueError):
@@ -148,9 +151,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = _flatten(x, self.compute_dtype)  # [M, K]
-        if flat.device.type == "cpu":
+        if flat.device.type == "cpu" and self.in_features % INT8_KERNEL_K_MULTIPLE == 0:
             out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale)  # [M, N]
-        else:  # no int8 weight-only kernel: dequantize this layer only
+        else:  # no int8 weight-only kernel (CUDA) or a shape it mishandles: dequantize this layer only
             out = F.linear(flat, self.qweight.to(self.compute_dtype)) * self.scale
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 

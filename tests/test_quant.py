@@ -41,10 +41,11 @@ def test_int4_round_trip_error_is_half_a_step():
     assert ((dequantize_int4(q, scales_and_zeros, 32) - weight).abs() <= step / 2 + 1e-5).all()
 
 
+@pytest.mark.parametrize("in_features", [64, 21, 100])  # 21, 100: where the CPU kernel fails (K % 8 != 0)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_layer_applies_its_dequantized_weight(dtype):
-    layer = Int8Linear.from_float(torch.randn(48, 64), dtype)
-    x = torch.randn(2, 3, 64, dtype=dtype)
+def test_int8_layer_applies_its_dequantized_weight(dtype, in_features):
+    layer = Int8Linear.from_float(torch.randn(48, in_features), dtype)
+    x = torch.randn(2, 3, in_features, dtype=dtype)
     expected = x.float() @ layer.dequantized().T
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(layer(x).float(), expected, atol=tolerance * expected.abs().max(), rtol=0)
