@@ -30,8 +30,9 @@ logger = logging.getLogger(__name__)
 QUANTIZE_MODES = ("int8", "int4")
 INT4_GROUP_SIZE = 32  # measured (README "Quantization"): least error, same speed as 64 / 128
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-# torch 2.13's CPU _weight_int8pack_mm crashes or returns garbage when in_features is not a multiple of 8
-# (measured for K = 1..7, 9, 12, 20, 100, 132, ...): such layers dequantize instead.
+# torch 2.13's CPU _weight_int8pack_mm on bfloat16 crashes or returns garbage when in_features is not a
+# multiple of 8 (measured for K = 1..7, 9, 12, 20, 100, 132, ...; float32 / float16 were fine): such
+# layers dequantize instead, whatever their dtype.
 INT8_KERNEL_K_MULTIPLE = 8
 
 
