@@ -1,7 +1,8 @@
 """``duplex bench lm --quantize int8|int4``: the quantized LM's step time next to float32 and bfloat16.
 
-Each variant is built with random weights (the quantized one from a bfloat16 model, layer by layer,
-computing in bfloat16 as its kernels are fastest there; on the CPU also inside a float32 model) and timed like ``duplex bench lm``. A last
+Each variant is built with random weights (the quantized one from a float model, layer by layer,
+its layers computing in bfloat16 where the kernels are fastest; on the CPU both inside a float32 model
+and all bfloat16) and timed like ``duplex bench lm``. A last
 line gives the quantized model's quality against the float32 one: relative logit error and
 teacher-forced top-1 agreement on random codes (both quantized and float computing in float32).
 """

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import tensor_shapes
 from .config import LMConfig
 from .lm import LMModel
 from .quant import weight_bytes
 from .quant_loading import load_quantized_lm
 from .quant_reader import TensorReader
 from .spelling import published_shapes
-from .checkpoint import tensor_shapes
 
 
 class RandomCheckpoint(TensorReader):
