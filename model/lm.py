@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -90,11 +91,19 @@ class LMModel(nn.Module):
 
     # ----------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, weights: str | Path | dict[str, torch.Tensor], config: LMConfig | None = None,
+    def from_pretrained(cls, weights: str | Path | Mapping[str, torch.Tensor],
+                        config: LMConfig | Mapping[str, Any] | str | Path | None = None,
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                         quantize: str | None = None, compute_dtype: torch.dtype | None = None) -> "LMModel":
-        """Load Kyutai's safetensors (path or state dict) strictly; see ``duplex.model.loading``.
+        """Load a Kyutai LM checkpoint strictly (``duplex.model.loading.load_lm``).
 
+        ``weights``: a safetensors path in the published (fused) or per-step spelling, or a state
+        dict. ``config``: an ``LMConfig``, a Kyutai config dict, a path to a ``config.json``, or
+        None (``config.json`` next to the weights, else the Moshi 7B preset).
+        Rules shared with ``Mimi.from_pretrained``: keys and shapes are checked from the file's
+        header before any tensor is read; floating tensors are cast to ``dtype`` (never rejected
+        for their file dtype), integer ones keep theirs; each tensor is read once, straight to
+        ``device``, and becomes the model's parameter (the weights are never held twice).
         ``quantize``: None, "int8" or "int4" (a Kyutai q8 file is recognised by itself);
         ``compute_dtype``: the dtype quantized layers compute in (default ``dtype``).
         """
@@ -125,9 +134,12 @@ class LMModel(nn.Module):
             total = total + self.emb[k](tokens[:, 1 + k])
         return total + self.text_emb(tokens[:, 0])
 
-    def temporal(self, tokens: torch.Tensor, state: TransformerState | None = None):
-        """tokens [B, 1 + n_q, T] -> hidden [B, T, dim] (after out_norm), text logits [B, 1, T, Vt]."""
-        hidden = self.out_norm(self.transformer(self.embed_frames(tokens), state))
+    def temporal(self, tokens: torch.Tensor, state: TransformerState | None = None,
+                 ready: torch.Tensor | None = None):
+        """tokens [B, 1 + n_q, T] -> hidden [B, T, dim] (after out_norm), text logits [B, 1, T, Vt].
+
+        ``ready`` [B] bool: only those slots advance the state (see StreamingTransformer.forward)."""
+        hidden = self.out_norm(self.transformer(self.embed_frames(tokens), state, ready))
         return hidden, self.text_linear(hidden)[:, None]
 
     def depformer_projection(self, codebook: int, hidden: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from duplex.model.lm import LMModel
 from duplex.model.quant import Int4Linear, Int8Linear, QuantizeError, quantize_model
 from duplex.model.quant_cli import kv_cache_bytes, log_kv_capacity, refuse_adapter_on_quantized
 from duplex.model.quant_loading import fast_compute_dtype, load_quantized_lm
-from duplex.server.models import load_models_from_paths
+from duplex.bundle import load_models_from_paths
 
 
 def model_flags(fixtures_dir, tokenizer) -> list[str]:

@@ -16,7 +16,7 @@ from duplex.model.checkpoint import CheckpointMismatchError
 from duplex.model.generate import LMGen
 from duplex.model.lm import LMModel
 from duplex.model.quant import Int8Linear, QuantizeError, weight_bytes
-from duplex.server.models import add_model_arguments, load_models
+from duplex.bundle_args import add_model_arguments, load_models
 
 FUSED = re.compile(r"^(?P<attn>.+\.self_attn)\.(?P<kind>in_proj_weight|out_proj\.weight)(?P<scb>_scb)?$")
 
