@@ -29,7 +29,8 @@ def model_flags(fixtures_dir, tokenizer) -> list[str]:
             "--tokenizer", str(tokenizer), "--device", "cpu"]
 
 
-@pytest.mark.parametrize("command", [["serve"], ["infer"], ["bench", "lm"], ["bench", "serve"]])
+@pytest.mark.parametrize("command", [["serve"], ["infer"], ["bench", "lm"], ["bench", "serve"], ["bench", "load"],
+                                     ["bench", "server"]])
 def test_every_command_documents_quantize(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         duplex_main([*command, "--help"])
@@ -141,3 +142,11 @@ def test_weight_hook_merges_before_quantizing(fixtures_dir):
 def test_unknown_quantize_in_python_api(fixtures_dir):
     with pytest.raises(QuantizeError, match="unknown quantize value 'fp4'"):
         LMModel.from_pretrained(fixtures_dir / "lm_tiny/model.safetensors", quantize="fp4")
+
+
+def test_bench_load_quantizes(fixtures_dir, tmp_path, capsys):
+    code = duplex_main(["bench", "load", "--config", str(fixtures_dir / "lm_tiny/config.json"), "--steps", "1",
+                        "--dtype", "float32", "--weights", str(tmp_path / "lm.safetensors"), "--quantize", "int4",
+                        "--json"])
+    assert code == 0
+    assert '"weights_gb"' in capsys.readouterr().out
