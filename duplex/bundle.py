@@ -57,6 +57,7 @@ class BundleFiles:
     config: dict[str, Any] = field(default_factory=dict)
     mimi_config: Path | dict[str, Any] | None = None
     model_name: str = ""
+    quantize: str | None = None  # "int8" / "int4": quantize the LM's linear layers while loading
 
     @property
     def model_type(self) -> str:
@@ -127,7 +128,11 @@ def build_moshi(files: BundleFiles, device: torch.device, dtype: torch.dtype) ->
                                                num_codebooks=codebooks_needed(lm_config),
                                                device=device, dtype=torch.float32),
                   "Mimi codec weights", files.mimi_weights)
-    lm = _build(lambda: LMModel.from_pretrained(files.lm_weights, config=lm_config, device=device, dtype=dtype),
+    from duplex.model.quant_loading import fast_compute_dtype
+
+    lm = _build(lambda: LMModel.from_pretrained(files.lm_weights, config=lm_config, device=device, dtype=dtype,
+                                                quantize=files.quantize,
+                                                compute_dtype=fast_compute_dtype(dtype, device)),
                 "Moshi LM weights", files.lm_weights)
     name = files.model_name or Path(files.lm_weights).parent.name or Path(files.lm_weights).stem
     return ModelBundle(mimi=mimi.eval(), lm=lm.eval(), lm_gen_defaults=lm_gen_defaults(files.config),
@@ -166,11 +171,14 @@ def load_models_from_paths(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     model_name: str | None = None,
+    quantize: str | None = None,
 ) -> ModelBundle:
-    """Load from local files. ``config`` is a Kyutai LM config (dict or path; None = 7B preset)."""
+    """Load from local files. ``config`` is a Kyutai LM config (dict or path; None = 7B preset);
+    ``quantize``: None, "int8" or "int4" (see ``duplex.model.quant_loading``)."""
     config_dict = read_json(config, "LM config") if isinstance(config, (str, Path)) else dict(config or {})
     codec = Path(mimi_config) if isinstance(mimi_config, str) else mimi_config
-    files = BundleFiles(Path(moshi_weight), Path(mimi_weight), Path(tokenizer), config_dict, codec, model_name or "")
+    files = BundleFiles(Path(moshi_weight), Path(mimi_weight), Path(tokenizer), config_dict, codec, model_name or "",
+                        quantize=quantize)
     return load_bundle(files, device, dtype)
 
 

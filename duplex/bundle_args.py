@@ -57,6 +57,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=sorted(DTYPES), default=None,
         help="LM weight dtype (default: bfloat16 on cuda, float32 on cpu); Mimi always runs in float32",
     )
+    from duplex.model.quant_cli import add_quantize_argument
+
+    add_quantize_argument(group)
 
 
 def load_models(args: argparse.Namespace) -> ModelBundle:
@@ -91,7 +94,8 @@ def resolve_files(args: argparse.Namespace) -> BundleFiles:
     mimi_config_spec = getattr(args, "mimi_config", None) or config.get("mimi_config_name")
     mimi_config_path = resolve_source(mimi_config_spec, "Mimi config", repo) if mimi_config_spec else None
     name = describe_model(explicit["moshi_weight"], repo, lm_path)
-    return BundleFiles(lm_path, mimi_path, tokenizer_path, config, mimi_config_path, name)
+    return BundleFiles(lm_path, mimi_path, tokenizer_path, config, mimi_config_path, name,
+                       quantize=getattr(args, "quantize", None))
 
 
 def read_repo_config(spec: str | None, repo: str, need_hub: bool) -> dict:

@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--greedy", action="store_true",
                         help="argmax decoding instead of the default sampling (temp 0.8/0.7, top-k 250/25)")
+    from .quant_cli import add_quantize_argument
+
+    add_quantize_argument(parser)  # with it: float32, bfloat16 and the quantized LM side by side
     parser.add_argument("--floor", action="store_true",
                         help="also time the bare matrix products of one step (every weight read once), "
                              "a machine-specific lower bound to compare the step with")
@@ -68,6 +71,10 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.quantize:
+        from .quant_bench import compare_quantized
+
+        return compare_quantized(args, config, device)
     lm = build_random_lm(config, device, dtype)
     params = sum(p.numel() for p in lm.parameters())
     print(f"LM {params / 1e6:.0f} M parameters, {dtype}, {device}"

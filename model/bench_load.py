@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--keep", action="store_true", help="keep a checkpoint this command wrote")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line instead of a table")
+    from .quant_cli import add_quantize_argument
+
+    add_quantize_argument(parser)
 
 
 def bench_config(args: argparse.Namespace) -> LMConfig:
@@ -136,7 +139,8 @@ def run(args: argparse.Namespace) -> dict:
         baseline = rss_bytes()
         exact_peak = reset_peak_rss()
         start = time.perf_counter()
-        lm = LMModel.from_pretrained(path, config=config, device=args.device, dtype=dtype)
+        lm = LMModel.from_pretrained(path, config=config, device=args.device, dtype=dtype,
+                                     quantize=getattr(args, "quantize", None))
         load_s = time.perf_counter() - start
         peak = peak_rss_bytes()
     finally:

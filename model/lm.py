@@ -93,7 +93,8 @@ class LMModel(nn.Module):
     @classmethod
     def from_pretrained(cls, weights: str | Path | Mapping[str, torch.Tensor],
                         config: LMConfig | Mapping[str, Any] | str | Path | None = None,
-                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16) -> "LMModel":
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                        quantize: str | None = None, compute_dtype: torch.dtype | None = None) -> "LMModel":
         """Load a Kyutai LM checkpoint strictly (``duplex.model.loading.load_lm``).
 
         ``weights``: a safetensors path in the published (fused) or per-step spelling, or a state
@@ -103,19 +104,22 @@ class LMModel(nn.Module):
         header before any tensor is read; floating tensors are cast to ``dtype`` (never rejected
         for their file dtype), integer ones keep theirs; each tensor is read once, straight to
         ``device``, and becomes the model's parameter (the weights are never held twice).
+        ``quantize``: None, "int8" or "int4" (a Kyutai q8 file is recognised by itself);
+        ``compute_dtype``: the dtype quantized layers compute in (default ``dtype``).
         """
         from .loading import load_lm
 
-        return load_lm(weights, config=config, device=device, dtype=dtype)
+        return load_lm(weights, config=config, device=device, dtype=dtype, quantize=quantize,
+                       compute_dtype=compute_dtype)
 
     # ----------------------------------------------------------------- building blocks
     @property
     def device(self) -> torch.device:
-        return self.text_linear.weight.device
+        return self.text_emb.weight.device  # an embedding: stays floating when linears are quantized
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.text_linear.weight.dtype
+        return self.text_emb.weight.dtype
 
     def initial_tokens(self, device=None) -> torch.Tensor:
         """The token fed before a stream starts, per stream: [1 + n_q] (text_card, then card)."""

@@ -51,13 +51,22 @@ def resolve_config(config: LMConfig | Mapping | str | Path | None,
 
 
 def load_lm(weights: str | Path | Mapping[str, torch.Tensor], config: LMConfig | Mapping | str | Path | None = None,
-            device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16) -> LMModel:
+            device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+            quantize: str | None = None, compute_dtype: torch.dtype | None = None) -> LMModel:
     """Build the LM on ``meta``, check the checkpoint strictly, assign its tensors on ``device``.
 
     ``weights``: a safetensors path (published or per-step spelling) or a state dict. ``config``:
     see ``resolve_config``. Floating tensors are cast to ``dtype``, integer ones keep theirs.
+    ``quantize``: "int8" / "int4" quantize the linear layers while loading; a Kyutai q8 file is
+    recognised by itself (see ``duplex.model.quant_loading``); ``compute_dtype``: the dtype the
+    quantized layers compute in (default ``dtype``).
     """
     config = resolve_config(config, weights)
+    from .quant_loading import load_quantized_lm, needs_quantized_loading
+
+    if needs_quantized_loading(weights, config, quantize):
+        return load_quantized_lm(weights, config, device=device, dtype=dtype, quantize=quantize,
+                                 compute_dtype=compute_dtype)
     with torch.device("meta"):
         model = LMModel(config)
     count = load_strict(model, weights, "LM", device, dtype)

@@ -194,6 +194,9 @@ def main(args: argparse.Namespace) -> int:
     except ModelSourceError as exc:
         print(f"duplex serve: {exc}", file=sys.stderr)
         return 1
+    from duplex.model.quant_cli import log_kv_capacity
+
+    log_kv_capacity(models.lm, models.device)
     app = create_app(models, settings, web_dir=args.web_dir)
     config = uvicorn.Config(app, host=args.host, port=args.port, ssl_certfile=certfile, ssl_keyfile=keyfile,
                             log_level=args.log_level, ws="websockets-sansio", lifespan="on")
