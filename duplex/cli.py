@@ -1,4 +1,4 @@
-"""The `duplex` command: serve, talk, infer and bench.
+"""The `duplex` command: serve, talk, infer, finetune and bench.
 
 Each subcommand lives in the package that owns it and exposes two functions,
 ``add_arguments(parser)`` and ``main(args) -> int``; this module only wires them
@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("duplex.server.cli", "run the real-time websocket server (web UI at /)"),
     "talk": ("duplex.client.cli", "talk to a server from the terminal (microphone or WAV files)"),
     "infer": ("duplex.client.infer", "run the whole model offline on WAV files, no server"),
+    "finetune": ("duplex.model.finetune", "train a LoRA adapter (or all weights) on your own dialogues"),
 }
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "codec": ("duplex.codec.bench", "Mimi encode_step / decode_step latency per 80 ms frame"),
