@@ -1,9 +1,10 @@
 """Several adapters in one batched step: a per-slot adapter choice shared by every wrapped linear.
 
 ``attach_adapters(lm, adapters, batch_size)`` swaps every linear of the LM for a
-``MultiLoRALinear`` that holds the stacked A / B of all adapters and returns an ``AdapterSet``:
-the name registry (``index_of``) and the ``AdapterSelection`` (slot -> adapter, a device tensor
-[B]) that the engine updates when a slot starts. Index 0 is the base model.
+``MultiLoRALinear`` that holds the stacked A / B of all adapters and returns an ``AdapterSet``
+(also kept as ``lm.adapter_set``, where ``DuplexEngine`` finds it): the name registry
+(``index_of``) and the ``AdapterSelection`` (slot -> adapter, a device tensor [B]) that the engine
+updates when a slot starts (``engine.join(slot, request, adapter=NAME)``). Index 0 is the base model.
 
 Row mapping: a linear sees x [R, ...]. R == B: row i is slot i (the generation step, temporal and
 depth transformer and heads alike). R == k * B: slot-major rows (the teacher-forced depth pass
@@ -72,6 +73,14 @@ class AdapterSelection:
             self.host[slot] = index
             self.slot_adapter[slot] = index  # a host-to-device write, no sync
             self._routes.clear()
+
+    def resize(self, batch_size: int) -> None:
+        """Serve a batch of ``batch_size`` slots from now on (every slot on the base model)."""
+        self.batch_size = batch_size
+        self.slot_adapter = torch.zeros(batch_size, dtype=torch.long, device=self.scales.device)
+        self.host = np.zeros(batch_size, dtype=np.int64)
+        self.rows = None
+        self._routes.clear()
 
     def clear(self) -> None:
         """Every slot back to the base model."""
@@ -160,7 +169,9 @@ def attach_adapters(lm: nn.Module, adapters: list[LoRAAdapter], batch_size: int,
         a_stack, bt_stack = _stack(adapters, path, rank, base.in_features, base.out_features,
                                    base.weight.device, base.weight.dtype)
         replace_module(lm, path, MultiLoRALinear(base, a_stack, bt_stack, selection))
-    return AdapterSet(names, selection)
+    adapter_set = AdapterSet(names, selection)
+    lm.adapter_set = adapter_set  # how a DuplexEngine built on this LM finds them
+    return adapter_set
 
 
 def detach_adapters(lm: nn.Module) -> None:
@@ -168,6 +179,8 @@ def detach_adapters(lm: nn.Module) -> None:
     for path, module in linear_targets(lm).items():
         if module is not unwrap(module):
             replace_module(lm, path, unwrap(module))
+    if "adapter_set" in vars(lm):
+        del lm.adapter_set
 
 
 def add_lora(lm: nn.Module, config: LoRAConfig) -> dict[str, LoRALinear]:
@@ -191,3 +204,25 @@ def apply_adapter(lm: nn.Module, adapter: LoRAAdapter) -> dict[str, LoRALinear]:
 def lora_pairs(lm: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The (A, B) of every LoRALinear of ``lm``, by module path."""
     return {path: module.pair() for path, module in lm.named_modules() if isinstance(module, LoRALinear)}
+
+
+def parse_adapter_spec(text: str) -> tuple[str, str]:
+    """``NAME=PATH`` (the ``--adapter`` flag) -> (name, path)."""
+    name, sep, path = text.partition("=")
+    name = name.strip()
+    if not sep or not name or not path:
+        raise AdapterError(f"--adapter expects NAME=PATH (an adapter file with its config.json beside it), got {text!r}")
+    if not all(c.isalnum() or c in "-_." for c in name):
+        raise AdapterError(f"adapter name {name!r} may use letters, digits, '-', '_' and '.' only")
+    return name, path
+
+
+def load_adapter_set(lm: nn.Module, specs: list[str], batch_size: int = 1, strategy: str = "auto") -> AdapterSet:
+    """Read every ``NAME=PATH`` adapter strictly and attach them all to ``lm`` (one batched step)."""
+    from .lora import read_adapter
+
+    adapters = []
+    for spec in specs:
+        name, path = parse_adapter_spec(spec)
+        adapters.append(read_adapter(path, lm, name=name))
+    return attach_adapters(lm, adapters, batch_size, strategy)

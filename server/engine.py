@@ -121,13 +121,34 @@ class DuplexEngine:
         self._lm_steps = np.zeros(batch_size, dtype=np.int64)
         self._max_delay = lm.config.max_delay
         self._sampling: dict[int, SlotSampling] = {}
+        # LoRA adapters attached to the LM (duplex.model.lora_multi), chosen per slot; None: none.
+        self.adapters = getattr(lm, "adapter_set", None)
+        self._adapter: dict[int, int] = {}  # slot -> adapter index for its next start (0 = base)
+        if self.adapters is not None:
+            self.adapters.selection.resize(batch_size)
 
     # ------------------------------------------------------------------ slots
-    def join(self, slot: int, sampling: SlotSampling | None = None) -> None:
-        """Start a new conversation in ``slot``: its next frame is its first (see the module doc)."""
+    def join(self, slot: int, sampling: SlotSampling | None = None, adapter: str | None = None) -> None:
+        """Start a new conversation in ``slot``: its next frame is its first (see the module doc).
+
+        ``adapter``: the LoRA adapter's name (None: ``sampling.adapter`` when the request has one,
+        else the base model); an unknown name raises ValueError naming it.
+        """
         self._check_slot(slot)
+        adapter = adapter if adapter is not None else getattr(sampling, "adapter", None)
+        index = self._adapter_index(adapter)
         self._first_frame[slot] = True
         self._sampling[slot] = sampling or SlotSampling()
+        self._adapter[slot] = index
+
+    def _adapter_index(self, name: str | None) -> int:
+        if name is None:
+            return 0
+        if self.adapters is None:
+            from duplex.model.lora_multi import UnknownAdapterError
+
+            raise UnknownAdapterError(f"unknown adapter {name!r} (this server has none)")
+        return self.adapters.index_of(name)
 
     def reset_all(self) -> None:
         """Restart every slot's streaming state (after a failed step); slots must be joined again."""
@@ -138,6 +159,9 @@ class DuplexEngine:
         self._first_frame[:] = False
         self._lm_steps[:] = 0
         self._sampling.clear()
+        self._adapter.clear()
+        if self.adapters is not None:
+            self.adapters.selection.clear()
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.batch_size:
@@ -154,6 +178,8 @@ class DuplexEngine:
             seed = s.seed if s.seed is not None else slot
             self.lm_state.set_slot_sampling(slot, **settings, seed=seed, text_seed=s.text_seed,
                                             audio_seed=s.audio_seed)
+            if self.adapters is not None:  # never the previous occupant's adapter
+                self.adapters.selection.set_slot(slot, self._adapter.pop(slot, 0))
 
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()

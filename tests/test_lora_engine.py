@@ -1,0 +1,118 @@
+"""Several adapters in one batch: each slot gets its own delta, equal to its solo run; nothing leaks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from server_harness import load_tiny_models
+
+from duplex.model.lora import merge_adapter, read_adapter
+from duplex.model.lora_multi import UnknownAdapterError, attach_adapters, detach_adapters, load_adapter_set
+from duplex.server.engine import FRAME_SIZE, DuplexEngine, SlotSampling
+
+GREEDY = SlotSampling(use_sampling=False)
+STEPS = 14
+
+
+@pytest.fixture(scope="module")
+def second_adapter(fixtures_dir, tmp_path_factory):
+    """Another adapter for lm_tiny with a different rank (2) and scaling: random, but strong."""
+    folder = tmp_path_factory.mktemp("second")
+    generator = torch.Generator().manual_seed(7)
+    tensors = {}
+    for key, value in load_file(str(fixtures_dir / "lm_tiny_lora" / "lora.safetensors")).items():
+        shape = (2, value.shape[1]) if key.endswith("lora_A.weight") else (value.shape[0], 2)
+        tensors[key] = torch.randn(shape, generator=generator) * 0.3
+    save_file(tensors, str(folder / "lora.safetensors"))
+    config = json.loads((fixtures_dir / "lm_tiny_lora" / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "lora_rank": 2, "lora_scaling": 1.5}))
+    return folder / "lora.safetensors"
+
+
+def user_audio(seed: int, frames: int = STEPS) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(frames * FRAME_SIZE) * 0.3).astype(np.float32)
+
+
+def run_engine(engine: DuplexEngine, plan: dict[int, list[tuple[int, str | None, np.ndarray]]], steps: int):
+    """plan: slot -> [(start step, adapter, audio)]: each conversation's output tokens [T, 9]."""
+    results = {}
+    for step in range(steps):
+        frames = np.zeros((engine.batch_size, FRAME_SIZE), dtype=np.float32)
+        for slot, conversations in plan.items():
+            for number, (start, adapter, audio) in enumerate(conversations):
+                index = step - start
+                if index == 0:
+                    engine.join(slot, GREEDY, adapter=adapter)
+                if 0 <= index < audio.size // FRAME_SIZE:
+                    frames[slot] = audio[index * FRAME_SIZE:(index + 1) * FRAME_SIZE]
+        out = engine.step(frames)
+        for slot, conversations in plan.items():
+            for number, (start, _, audio) in enumerate(conversations):
+                if 0 <= step - start < audio.size // FRAME_SIZE and out.has_output[slot]:
+                    results.setdefault((slot, number), []).append(out.tokens[slot].copy())
+    return {key: np.stack(value) for key, value in results.items()}
+
+
+def solo(models, adapter_path, audio) -> np.ndarray:
+    """One conversation alone, with the adapter merged into the weights (or the base model)."""
+    lm = models.lm
+    saved = {name: p.detach().clone() for name, p in lm.named_parameters()}
+    if adapter_path is not None:
+        merge_adapter(lm, read_adapter(adapter_path, lm))
+    try:
+        engine = DuplexEngine(models.mimi, lm, batch_size=1)
+        return run_engine(engine, {0: [(0, None, audio)]}, audio.size // FRAME_SIZE)[(0, 0)]
+    finally:
+        with torch.no_grad():
+            for name, p in lm.named_parameters():
+                p.copy_(saved[name])
+
+
+@pytest.fixture(scope="module")
+def models(fixtures_dir, tiny_tokenizer_path):
+    return load_tiny_models(fixtures_dir, tiny_tokenizer_path)
+
+
+@pytest.mark.parametrize("strategy", ["gather", "concat"])
+def test_each_slot_equals_its_solo_run(models, fixtures_dir, second_adapter, strategy):
+    first = fixtures_dir / "lm_tiny_lora" / "lora.safetensors"
+    audio = {slot: user_audio(slot) for slot in range(4)}
+    expected = {0: solo(models, None, audio[0]), 1: solo(models, first, audio[1]),
+                2: solo(models, second_adapter, audio[2]), 3: solo(models, first, audio[3])}
+    assert not np.array_equal(expected[1], solo(models, None, audio[1]))  # the adapter matters
+    load_adapter_set(models.lm, [f"tiny={first}", f"other={second_adapter}"], strategy=strategy)
+    try:
+        engine = DuplexEngine(models.mimi, models.lm, batch_size=4)
+        assert engine.adapters.names == ["tiny", "other"]
+        plan = {0: [(0, None, audio[0])], 1: [(0, "tiny", audio[1])], 2: [(2, "other", audio[2])],
+                3: [(1, "tiny", audio[3])]}
+        got = run_engine(engine, plan, STEPS + 2)
+    finally:
+        detach_adapters(models.lm)
+    for slot in range(4):
+        np.testing.assert_array_equal(got[(slot, 0)], expected[slot], err_msg=f"slot {slot}")
+
+
+def test_adapter_never_leaks_to_the_next_occupant(models, fixtures_dir):
+    first = fixtures_dir / "lm_tiny_lora" / "lora.safetensors"
+    short, after = user_audio(10, 6), user_audio(11, 8)
+    expected_adapter, expected_base = solo(models, first, short), solo(models, None, after)
+    adapter = read_adapter(first, models.lm, name="tiny")
+    attach_adapters(models.lm, [adapter], batch_size=2)
+    try:
+        engine = DuplexEngine(models.mimi, models.lm, batch_size=2)
+        plan = {0: [(0, "tiny", short), (6, None, after)], 1: [(0, None, user_audio(12, 14))]}
+        got = run_engine(engine, plan, 14)
+        with pytest.raises(UnknownAdapterError, match="unknown adapter 'nope'.*tiny"):
+            engine.join(1, GREEDY, adapter="nope")
+    finally:
+        detach_adapters(models.lm)
+    np.testing.assert_array_equal(got[(0, 0)], expected_adapter)
+    np.testing.assert_array_equal(got[(0, 1)], expected_base)
+    plain = DuplexEngine(models.mimi, models.lm, batch_size=1)
+    with pytest.raises(UnknownAdapterError, match="has none"):
+        plain.join(0, GREEDY, adapter="tiny")
