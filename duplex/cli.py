@@ -25,6 +25,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "lm": ("duplex.model.bench", "LM step latency (temporal + depth), tokens/s, peak memory"),
     "server": ("duplex.client.bench_server", "one real-time client over loopback: per-frame latency"),
     "serve": ("duplex.server.bench_serve", "N concurrent real-time clients: batched tick latency"),
+    "lora": ("duplex.model.lora_bench", "a batch of slots on several LoRA adapters against the base model"),
+    "finetune": ("duplex.model.finetune_bench", "one LoRA training step (forward, backward, AdamW)"),
 }
 
 
