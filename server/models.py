@@ -94,6 +94,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=sorted(DTYPES), default=None,
         help="LM weight dtype (default: bfloat16 on cuda, float32 on cpu); Mimi always runs in float32",
     )
+    from duplex.model.lora_cli import add_lora_arguments
+
+    add_lora_arguments(parser.add_argument_group("LoRA adapters"))
 
 
 def load_models(args: argparse.Namespace) -> LoadedModels:
@@ -120,10 +123,17 @@ def load_models(args: argparse.Namespace) -> LoadedModels:
     mimi_config_spec = getattr(args, "mimi_config", None) or config.get("mimi_config_name")
     mimi_config_path = resolve_source(mimi_config_spec, "Mimi config", repo) if mimi_config_spec else None
     name = describe_model(explicit["moshi_weight"], repo, lm_path)
-    return load_models_from_paths(
+    models = load_models_from_paths(
         lm_path, mimi_path, tokenizer_path, config=config, mimi_config=mimi_config_path,
         device=device, dtype=dtype, model_name=name,
     )
+    from duplex.model.lora_cli import apply_lora_arguments
+
+    try:
+        apply_lora_arguments(models, args)  # --lora-weight (merged), --adapter NAME=PATH (per conversation)
+    except ValueError as exc:
+        raise ModelSourceError(str(exc)) from exc
+    return models
 
 
 def load_models_from_paths(
