@@ -86,6 +86,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if getattr(args, "adapter", None):
+        raise ValueError("--adapter is for serving; to train on top of an adapter, merge it with --lora-weight")
     samples = read_manifest(args.data)  # cheap checks before the models load
     if args.resume and latest_checkpoint(args.output) is None:
         raise ValueError(f"--resume: no checkpoint under {args.output / 'checkpoints'}")

@@ -98,3 +98,24 @@ def test_finetune_reports_dataset_errors(tmp_path, capsys, fixtures_dir, tiny_to
     assert duplex_main(["finetune", str(bad), "--output", str(tmp_path / "o"),
                         *model_argv(fixtures_dir, tiny_tokenizer_path)]) == 1
     assert "bad.jsonl:1: expected" in capsys.readouterr().err
+
+
+def test_full_finetune_writes_a_loadable_checkpoint(trained, fixtures_dir, tiny_tokenizer_path, tmp_path):
+    _, manifest = trained
+    out = tmp_path / "full"
+    assert duplex_main(["finetune", str(manifest), "--output", str(out), "--full", "--lr", "1e-4", "--steps", "2",
+                        "--batch-size", "1", "--duration", "2", "--checkpoint-every", "0", "--no-progress",
+                        *model_argv(fixtures_dir, tiny_tokenizer_path)]) == 0
+    from duplex.model.loading import load_lm
+
+    tuned = load_lm(out / "model.safetensors", dtype=torch.float32)  # config.json beside it
+    base, _ = fixture_lm(fixtures_dir, "lm_tiny")
+    assert not torch.equal(tuned.text_linear.weight, base.text_linear.weight)
+    assert "lora" not in json.loads((out / "config.json").read_text())
+
+
+def test_finetune_refuses_serving_adapters(trained, fixtures_dir, tiny_tokenizer_path, tmp_path, capsys):
+    _, manifest = trained
+    assert duplex_main(["finetune", str(manifest), "--output", str(tmp_path), "--adapter", "a=b",
+                        *model_argv(fixtures_dir, tiny_tokenizer_path)]) == 1
+    assert "--adapter is for serving" in capsys.readouterr().err
