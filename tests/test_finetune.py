@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from finetune_support import make_dataset
+from duplex.model.finetune_demo import make_demo_dataset as make_dataset
 from lm_test_utils import fixture_lm, run
 from safetensors import safe_open
 from server_harness import load_tiny_models

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from finetune_support import make_dataset
+from duplex.model.finetune_demo import make_demo_dataset as make_dataset
 from lm_test_utils import fixture_lm
 
 from duplex.cli import main as duplex_main
