@@ -168,7 +168,8 @@ class Trainer:
             terms = self.train_step()
             losses.append(float(terms.total.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}", text=f"{float(terms.text.detach()):.3f}",
-                            audio=f"{float(terms.audio.detach()):.3f}", lr=f"{self.schedule.get_last_lr()[0]:.2e}")
+                            audio=f"{float(terms.audio.detach()):.3f}",
+                            lr=f"{self.schedule.get_last_lr()[0]:.2e}", refresh=False)
             bar.update(1)
             if self.options.checkpoint_every and self.step % self.options.checkpoint_every == 0:
                 self.save_checkpoint()

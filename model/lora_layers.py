@@ -96,9 +96,9 @@ class MultiLoRALinear(nn.Module):
             delta = torch.bmm(low, bt)  # [R, T, out]
         else:
             # Every adapter's low-rank product at once, then keep only each row's own columns.
-            a_all = self.a_stack.flatten(0, 1)  # [(N + 1) * r, in]
-            low = torch.matmul(x3, a_all.t()) * route.column_scale[:, None, :]  # [R, T, (N + 1) * r]
-            delta = torch.matmul(low, self.bt_stack.flatten(0, 1))  # [R, T, out]
+            a_all = self.a_stack[1:].flatten(0, 1)  # [N * r, in] (index 0 is all zeros)
+            low = torch.matmul(x3, a_all.t()) * route.column_scale[:, None, :]  # [R, T, N * r]
+            delta = torch.matmul(low, self.bt_stack[1:].flatten(0, 1))  # [R, T, out]
         return y + delta.reshape(y.shape).to(y.dtype)
 
 

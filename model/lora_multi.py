@@ -39,7 +39,7 @@ class Route:
     gather: bool
     adapter: torch.Tensor  # [R] adapter index of each row (0 = none)
     row_scale: torch.Tensor  # [R] the row's adapter scaling (0 for none)
-    column_scale: torch.Tensor  # [R, (N + 1) * r] scaling on the row's own adapter's columns, else 0
+    column_scale: torch.Tensor  # [R, N * r] scaling on the row's own adapter's columns, else 0
 
 
 class AdapterSelection:
@@ -55,7 +55,8 @@ class AdapterSelection:
         device = scales.device
         self.slot_adapter = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
         self.host = np.zeros(batch_size, dtype=np.int64)  # [B] mirror: is any adapter in use?
-        self.column_owner = torch.arange(scales.shape[0], device=device).repeat_interleave(rank)  # [(N+1) r]
+        # Adapter of each column of the concatenated products (index 0, no adapter, has none): [N r]
+        self.column_owner = torch.arange(1, scales.shape[0], device=device).repeat_interleave(rank)
         self.rows: torch.Tensor | None = None
         self._routes: dict[int, Route | None] = {}
 
