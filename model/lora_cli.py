@@ -20,8 +20,9 @@ def add_lora_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup
              "into the LM's weights at load time: no cost per step")
     parser.add_argument(
         "--adapter", action="append", default=None, metavar="NAME=PATH",
-        help="a LoRA adapter kept beside the base weights, chosen per conversation with the query parameter "
-             "adapter=NAME (repeatable; PATH: lora.safetensors with its config.json beside it, or their folder)")
+        help="a LoRA adapter kept beside the base weights, applied per conversation in the batched step "
+             "(repeatable; PATH: lora.safetensors with its config.json beside it, or their folder); duplex serve: "
+             "a session picks it with the query parameter adapter=NAME; duplex infer: every file runs with the last one")
 
 
 def apply_lora_arguments(models, args: argparse.Namespace) -> None:

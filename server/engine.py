@@ -47,6 +47,7 @@ class SlotSampling:
     seed: int | None = None  # both streams' seed (text_seed / audio_seed win over it)
     text_seed: int | None = None  # keys the text token's noise
     audio_seed: int | None = None  # keys the audio tokens' noise
+    adapter: str | None = None  # LoRA adapter name (query parameter adapter=NAME); None: the base model
 
 
 @dataclass

@@ -25,7 +25,7 @@ import math
 import struct
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 PROTOCOL_VERSION = 0
 MODEL_VERSION = 0
@@ -154,6 +154,7 @@ class SessionParams:
     audio_topk: int | None = None
     text_seed: int | None = None
     audio_seed: int | None = None
+    adapter: str | None = None  # LoRA adapter name; None: the base model
     unsupported: dict[str, float] = field(default_factory=dict)
     ignored: tuple[str, ...] = ()
 
@@ -162,23 +163,34 @@ class SessionParams:
         return {k: v for k, v in asdict(self).items() if v is not None and k not in ("unsupported", "ignored")}
 
 
-def parse_query_params(query: Mapping[str, str]) -> SessionParams:
+def parse_query_params(query: Mapping[str, str], adapters: Collection[str] | None = None) -> SessionParams:
     """Validate the websocket URL's query parameters; ValueError names the bad parameter.
 
     Unknown parameters (other clients send e.g. ``worker_auth_id``) are not an error: they are
-    returned in ``ignored`` and reported back in the session metadata.
+    returned in ``ignored`` and reported back in the session metadata. ``adapters``: the names
+    ``adapter=NAME`` may take (None: not checked here).
     """
     values: dict[str, Any] = {}
     unsupported: dict[str, float] = {}
     ignored = []
     for name, text in query.items():
-        if name in _NUMERIC_PARAMS:
+        if name == "adapter":
+            values["adapter"] = _check_adapter(text, adapters)
+        elif name in _NUMERIC_PARAMS:
             values[name] = _parse_number(name, text, *_NUMERIC_PARAMS[name])
         elif name in _UNSUPPORTED_PARAMS:
             unsupported[name] = _parse_number(name, text, *_UNSUPPORTED_PARAMS[name])
         else:
             ignored.append(name)
     return SessionParams(**values, unsupported=unsupported, ignored=tuple(sorted(ignored)))
+
+
+def _check_adapter(name: str, adapters: Collection[str] | None) -> str:
+    """The adapter=NAME parameter: a name this server has."""
+    if adapters is not None and name not in adapters:
+        known = ", ".join(sorted(adapters)) or "none"
+        raise ValueError(f"unknown adapter {name!r} (query parameter adapter; this server has: {known})")
+    return name
 
 
 def _parse_number(name: str, text: str, kind: type, low: float, high: float) -> Any:

@@ -113,10 +113,18 @@ class DuplexService:
             "ignored_params": list(params.ignored),
         }
 
+    @property
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters a session may choose (query parameter adapter=NAME)."""
+        from duplex.model.lora_cli import adapter_names
+
+        return adapter_names(self.models.lm)
+
     def info(self) -> dict:
         """GET /api/info."""
         return {
             "model": self.models.model_name,
+            "adapters": self.adapter_names,
             "device": str(self.models.device),
             "dtype": str(self.models.dtype).replace("torch.", ""),
             "sample_rate": SAMPLE_RATE,
@@ -173,6 +181,7 @@ def resolve_sampling(params: SessionParams, defaults: dict[str, Any]) -> tuple[S
         top_k_text=_pick(params.text_topk, defaults.get("top_k_text", 25)),
         text_seed=_pick(params.text_seed, secrets.randbits(62)),
         audio_seed=_pick(params.audio_seed, secrets.randbits(62)),
+        adapter=params.adapter,
     )
     resolved = {name: value for name, value in asdict(sampling).items() if name != "seed"}
     resolved.update(text_sampling=text_on, audio_sampling=audio_on)
