@@ -82,7 +82,7 @@ def read_alignments(path: Path) -> list[Word]:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))["alignments"]
         words = [Word(str(text), float(span[0]), float(span[1]), str(speaker)) for text, span, speaker in raw]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+    except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as err:
         raise DatasetError(f"{path}: expected {{\"alignments\": [[word, [start_s, end_s], speaker], ...]}}: "
                            f"{err}") from err
     return sorted(words, key=lambda word: word.start)

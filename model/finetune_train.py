@@ -28,6 +28,7 @@ from .lora_multi import add_lora, lora_pairs
 
 logger = logging.getLogger(__name__)
 
+FRAME_RATE = 12.5  # Mimi frames (LM steps) per second
 CHECKPOINTS = "checkpoints"
 TRAINER_FILE = "trainer.pt"
 
@@ -106,11 +107,9 @@ def prepare_model(lm: LMModel, options: TrainOptions) -> list[torch.nn.Parameter
     if options.full:
         lm.requires_grad_(True)
     else:
-        add_lora(lm, LoRAConfig(options.rank, options.scaling))
-        for module in lm.modules():
-            if hasattr(module, "lora_A") and hasattr(module, "lora_B"):
-                module.lora_A.requires_grad_(True)
-                module.lora_B.requires_grad_(True)
+        for layer in add_lora(lm, LoRAConfig(options.rank, options.scaling)).values():
+            layer.lora_A.requires_grad_(True)
+            layer.lora_B.requires_grad_(True)
     if options.gradient_checkpointing:
         enable_gradient_checkpointing(lm)
     lm.train()
@@ -134,7 +133,7 @@ class Trainer:
         self.lm = lm
         self.samples = samples
         self.options = options
-        self.frames = max(1, round(options.duration * 12.5))
+        self.frames = max(1, round(options.duration * FRAME_RATE))
         self.windows = windows(samples, self.frames)
         self.parameters = prepare_model(lm, options)
         self.optimizer = torch.optim.AdamW(self.parameters, lr=options.lr, weight_decay=options.weight_decay,

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .checkpoint import MAX_LISTED_KEYS, safetensors_shapes
+from .lora_layers import LORA_WRAPPERS
 
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
@@ -76,8 +77,6 @@ def linear_targets(lm: nn.Module) -> dict[str, nn.Module]:
 
     A module already wrapped by a LoRA layer is listed under the wrapper's path.
     """
-    from .lora_layers import LORA_WRAPPERS
-
     targets: dict[str, nn.Module] = {}
     wrapped_bases = set()
     for path, module in lm.named_modules():

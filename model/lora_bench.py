@@ -109,14 +109,14 @@ def trainable_random_lm(config: LMConfig, device: torch.device, dtype: torch.dty
 
 
 def finetune_main(args: argparse.Namespace) -> int:
-    from .finetune_train import TrainOptions, prepare_model, training_loss
+    from .finetune_train import FRAME_RATE, TrainOptions, prepare_model, training_loss
 
     try:
         config, device, dtype = _setup(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    frames = max(2, round(args.duration * 12.5))
+    frames = max(2, round(args.duration * FRAME_RATE))
     print(f"LoRA rank {args.rank} training step, batch {args.batch} x {args.duration:g} s ({frames} frames), "
           f"{dtype}, {device}, {torch.get_num_threads()} threads")
     print(f"{'gradient checkpointing':<24} {'params M':>9} {'trainable M':>12} {'step s':>8} {'cpu s':>7}")

@@ -183,7 +183,7 @@ def resolve_sampling(params: SessionParams, defaults: dict[str, Any]) -> tuple[S
         audio_seed=_pick(params.audio_seed, secrets.randbits(62)),
         adapter=params.adapter,
     )
-    resolved = {name: value for name, value in asdict(sampling).items() if name != "seed"}
+    resolved = {name: value for name, value in asdict(sampling).items() if name not in ("seed", "adapter")}
     resolved.update(text_sampling=text_on, audio_sampling=audio_on)
     return sampling, resolved
 

@@ -149,3 +149,24 @@ def test_resume_continues_exactly(tiny, fixtures_dir, tmp_path):
     for path, (a, b) in results[0].pairs.items():
         torch.testing.assert_close(results[1].pairs[path][0], a)
         torch.testing.assert_close(results[1].pairs[path][1], b)
+
+
+def test_dataset_errors_name_the_file(tiny, tmp_path):
+    import json
+
+    import numpy as np
+    import soundfile
+
+    from duplex.model.finetune_data import DatasetError, Sample
+
+    models, _ = tiny
+    mono = tmp_path / "mono.wav"
+    soundfile.write(str(mono), np.zeros(4800, np.float32), 24000)
+    with pytest.raises(DatasetError, match="mono.wav has 1 channel.*stereo"):
+        encode_sample(Sample(mono, 0.2, []), models.mimi, models.lm.config, models.tokenizer.encode)
+    (tmp_path / "train.jsonl").write_text(json.dumps({"path": "mono.wav", "duration": 0.2}) + "\n")
+    with pytest.raises(DatasetError, match="alignments not found: .*mono.json"):
+        read_manifest(tmp_path / "train.jsonl")
+    (tmp_path / "mono.json").write_text(json.dumps({"alignments": [["hi", [0.1], "SPEAKER_MAIN"]]}))
+    with pytest.raises(DatasetError, match=r"mono.json: expected \{\"alignments\""):
+        read_manifest(tmp_path / "train.jsonl")

@@ -15,6 +15,7 @@ const page = {
   call: null,
   lastCall: null,
   serverDefaults: {},
+  serverAdapters: [],  // the LoRA adapters of the server (/api/info), chosen in Settings
   meters: null,
   transcript: null,
   timer: null,
@@ -61,6 +62,7 @@ async function loadServerInfo() {
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const info = await response.json();
     page.serverDefaults = defaultsFromInfo(info);
+    page.serverAdapters = Array.isArray(info.adapters) ? info.adapters.map(String) : [];
     if (info.defaults && info.defaults.use_sampling === false) {
       $("settings-mode").textContent = "This server decodes greedily by default; setting a temperature or top-k turns sampling on for your call.";
     }
@@ -69,7 +71,7 @@ async function loadServerInfo() {
   } catch {
     $("model-info").textContent = "Model information unavailable";
   }
-  buildSettingsFields($("settings-fields"), loadStoredSettings(), page.serverDefaults);
+  buildSettingsFields($("settings-fields"), loadStoredSettings(), page.serverDefaults, page.serverAdapters);
 }
 
 function setMessage(text, tone = "info") {
@@ -214,7 +216,7 @@ function setupSettings() {
   });
   $("settings-reset").addEventListener("click", () => {
     storeSettings({});
-    buildSettingsFields($("settings-fields"), {}, page.serverDefaults);
+    buildSettingsFields($("settings-fields"), {}, page.serverDefaults, page.serverAdapters);
     $("settings-error").textContent = "";
   });
   dialog.addEventListener("click", (event) => {
