@@ -116,3 +116,26 @@ def test_adapter_never_leaks_to_the_next_occupant(models, fixtures_dir):
     plain = DuplexEngine(models.mimi, models.lm, batch_size=1)
     with pytest.raises(UnknownAdapterError, match="has none"):
         plain.join(0, GREEDY, adapter="tiny")
+
+
+@pytest.mark.parametrize("strategy", ["gather", "concat"])
+def test_a_step_over_some_slots_maps_rows_to_those_slots(models, fixtures_dir, second_adapter, strategy):
+    """use_rows(slots): a step that runs only some slots (row i = slot slots[i]) gets their adapters."""
+    first = fixtures_dir / "lm_tiny_lora" / "lora.safetensors"
+    adapters = load_adapter_set(models.lm, [f"tiny={first}", f"other={second_adapter}"], batch_size=3,
+                                strategy=strategy)
+    try:
+        for slot, index in enumerate((2, 0, 1)):
+            adapters.selection.set_slot(slot, index)
+        layer = models.lm.text_linear
+        x = torch.randn(3, 1, layer.in_features)
+        with torch.no_grad():
+            full = layer(x)  # [3, 1, out]: all slots
+            adapters.selection.use_rows(torch.tensor([2, 0]))
+            part = layer(x[[2, 0]])
+            adapters.selection.use_rows(None)
+        torch.testing.assert_close(part, full[[2, 0]])
+        assert not torch.allclose(full[0], layer.base(x[0]))  # slot 0 has an adapter
+        torch.testing.assert_close(full[1], layer.base(x[1]))  # slot 1 has none
+    finally:
+        detach_adapters(models.lm)
