@@ -118,7 +118,7 @@ class DuplexService:
         """The LoRA adapters a session may choose (query parameter adapter=NAME)."""
         from duplex.model.lora_cli import adapter_names
 
-        return adapter_names(self.models.lm)
+        return adapter_names(getattr(self.models, "lm", None))
 
     def info(self) -> dict:
         """GET /api/info."""
