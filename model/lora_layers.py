@@ -5,7 +5,7 @@
   [out, r], exactly upstream's.
 - ``MultiLoRALinear``: several adapters at once for serving; each batch row picks its own (or
   none) through an ``AdapterSelection`` that every wrapped linear of the LM shares (see
-  ``duplex.model.lora_multi``). Stacks: ``a_stack`` [N + 1, r, in], ``bt_stack`` [N + 1, r, out]
+  ``duplex.model.lora_multi``; the selection in force comes from the shared ``AdapterSet``). Stacks: ``a_stack`` [N + 1, r, in], ``bt_stack`` [N + 1, r, out]
   (B transposed; index 0 is "no adapter", all zeros; smaller ranks zero-padded to r).
 """
 
@@ -63,12 +63,12 @@ class LoRALinear(nn.Module):
 class MultiLoRALinear(nn.Module):
     """base(x) plus, per batch row, the low-rank delta of that row's adapter (none: no delta)."""
 
-    def __init__(self, base: nn.Module, a_stack: torch.Tensor, bt_stack: torch.Tensor, selection) -> None:
+    def __init__(self, base: nn.Module, a_stack: torch.Tensor, bt_stack: torch.Tensor, adapters) -> None:
         super().__init__()
         self.base = base
         self.register_buffer("a_stack", a_stack, persistent=False)  # [N + 1, r, in]
         self.register_buffer("bt_stack", bt_stack, persistent=False)  # [N + 1, r, out]
-        self.selection = selection  # AdapterSelection shared by every wrapped linear
+        self.adapters = adapters  # the AdapterSet shared by every wrapped linear (its selection in force)
 
     @property
     def in_features(self) -> int:
@@ -84,7 +84,7 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        route = self.selection.route(x.shape[0])
+        route = self.adapters.current().route(x.shape[0])
         if route is None:  # no row uses an adapter (known on the host: no sync)
             return y
         rows = x.shape[0]

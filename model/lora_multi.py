@@ -3,8 +3,9 @@
 ``attach_adapters(lm, adapters, batch_size)`` swaps every linear of the LM for a
 ``MultiLoRALinear`` that holds the stacked A / B of all adapters and returns an ``AdapterSet``
 (also kept as ``lm.adapter_set``, where ``DuplexEngine`` finds it): the name registry
-(``index_of``) and the ``AdapterSelection`` (slot -> adapter, a device tensor [B]) that the engine
-updates when a slot starts (``engine.join(slot, request, adapter=NAME)``). Index 0 is the base model.
+(``index_of``) and the ``AdapterSelection``s (slot -> adapter, a device tensor [B]). Each engine
+owns one, updates it when a slot starts (``engine.join(slot, request, adapter=NAME)``) and puts it
+in force before its step (``activate``, per thread). Index 0 is the base model.
 
 Row mapping: a linear sees x [R, ...]. R == B: row i is slot i (the generation step, temporal and
 depth transformer and heads alike). R == k * B: slot-major rows (the teacher-forced depth pass
@@ -18,6 +19,7 @@ adapter's A at once and masks the columns of the others (cost grows with the ada
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,14 +77,6 @@ class AdapterSelection:
             self.slot_adapter[slot] = index  # a host-to-device write, no sync
             self._routes.clear()
 
-    def resize(self, batch_size: int) -> None:
-        """Serve a batch of ``batch_size`` slots from now on (every slot on the base model)."""
-        self.batch_size = batch_size
-        self.slot_adapter = torch.zeros(batch_size, dtype=torch.long, device=self.scales.device)
-        self.host = np.zeros(batch_size, dtype=np.int64)
-        self.rows = None
-        self._routes.clear()
-
     def clear(self) -> None:
         """Every slot back to the base model."""
         self.host[:] = 0
@@ -119,11 +113,32 @@ class AdapterSelection:
 
 
 class AdapterSet:
-    """The adapters a server holds: names -> index (1..N) and the shared selection."""
+    """The adapters attached to an LM: names -> index (1..N) and which selection is in force.
 
-    def __init__(self, names: list[str], selection: AdapterSelection) -> None:
+    Each engine owns an ``AdapterSelection`` for its batch (``new_selection``) and ``activate``s it
+    before its step; the selection in force is per thread, so two engines sharing one LM (even in
+    two threads) never see each other's slots. Without an activation, ``selection`` (the default
+    one, sized at attach time) is in force.
+    """
+
+    def __init__(self, names: list[str], scales: torch.Tensor, rank: int, strategy: str, batch_size: int) -> None:
         self.names = list(names)
-        self.selection = selection
+        self.scales = scales  # [N + 1]
+        self.rank = rank
+        self.strategy = strategy
+        self.selection = self.new_selection(batch_size)
+        self._local = threading.local()
+
+    def new_selection(self, batch_size: int) -> AdapterSelection:
+        """A selection for a batch of ``batch_size`` slots, every slot on the base model."""
+        return AdapterSelection(batch_size, self.scales, self.rank, self.strategy)
+
+    def activate(self, selection: AdapterSelection | None) -> None:
+        """Use ``selection`` for this thread's coming steps (None: the default selection)."""
+        self._local.selection = selection
+
+    def current(self) -> AdapterSelection:
+        return getattr(self._local, "selection", None) or self.selection
 
     def index_of(self, name: str | None) -> int:
         """0 for None (the base model); UnknownAdapterError naming ``name`` for an unknown one."""
@@ -135,6 +150,7 @@ class AdapterSet:
         return 1 + self.names.index(name)
 
     def select(self, slot: int, name: str | None) -> None:
+        """Slot ``slot`` of the default selection uses adapter ``name``."""
         self.selection.set_slot(slot, self.index_of(name))
 
 
@@ -164,13 +180,12 @@ def attach_adapters(lm: nn.Module, adapters: list[LoRAAdapter], batch_size: int,
     weight = next(iter(targets.values())).weight
     scales = torch.tensor([0.0] + [adapter.scaling for adapter in adapters], device=weight.device,
                           dtype=weight.dtype)
-    selection = AdapterSelection(batch_size, scales, rank, strategy)
+    adapter_set = AdapterSet(names, scales, rank, strategy, batch_size)
     for path, module in targets.items():
         base = unwrap(module)
         a_stack, bt_stack = _stack(adapters, path, rank, base.in_features, base.out_features,
                                    base.weight.device, base.weight.dtype)
-        replace_module(lm, path, MultiLoRALinear(base, a_stack, bt_stack, selection))
-    adapter_set = AdapterSet(names, selection)
+        replace_module(lm, path, MultiLoRALinear(base, a_stack, bt_stack, adapter_set))
     lm.adapter_set = adapter_set  # how a DuplexEngine built on this LM finds them
     return adapter_set
 

@@ -125,8 +125,8 @@ class DuplexEngine:
         # LoRA adapters attached to the LM (duplex.model.lora_multi), chosen per slot; None: none.
         self.adapters = getattr(lm, "adapter_set", None)
         self._adapter: dict[int, int] = {}  # slot -> adapter index for its next start (0 = base)
-        if self.adapters is not None:
-            self.adapters.selection.resize(batch_size)
+        # This engine's slot -> adapter choice, put in force before each of its steps.
+        self._adapter_selection = self.adapters.new_selection(batch_size) if self.adapters is not None else None
 
     # ------------------------------------------------------------------ slots
     def join(self, slot: int, sampling: SlotSampling | None = None, adapter: str | None = None) -> None:
@@ -161,8 +161,8 @@ class DuplexEngine:
         self._lm_steps[:] = 0
         self._sampling.clear()
         self._adapter.clear()
-        if self.adapters is not None:
-            self.adapters.selection.clear()
+        if self._adapter_selection is not None:
+            self._adapter_selection.clear()
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.batch_size:
@@ -179,14 +179,16 @@ class DuplexEngine:
             seed = s.seed if s.seed is not None else slot
             self.lm_state.set_slot_sampling(slot, **settings, seed=seed, text_seed=s.text_seed,
                                             audio_seed=s.audio_seed)
-            if self.adapters is not None:  # never the previous occupant's adapter
-                self.adapters.selection.set_slot(slot, self._adapter.pop(slot, 0))
+            if self._adapter_selection is not None:  # never the previous occupant's adapter
+                self._adapter_selection.set_slot(slot, self._adapter.pop(slot, 0))
 
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
     def step(self, pcm: np.ndarray | torch.Tensor) -> StepOutput:
         """Advance every slot by one frame. ``pcm``: [B, 1920] (or [B, 1, 1920]) float32 at 24 kHz."""
         self._load_input(pcm)
+        if self.adapters is not None:
+            self.adapters.activate(self._adapter_selection)
         first = self._first_frame.copy()  # [B] bool
         self._first_frame[:] = False
         self._lm_steps[first] = 0  # their LM clocks restart at this step

@@ -139,3 +139,29 @@ def test_a_step_over_some_slots_maps_rows_to_those_slots(models, fixtures_dir, s
         torch.testing.assert_close(full[1], layer.base(x[1]))  # slot 1 has none
     finally:
         detach_adapters(models.lm)
+
+
+def test_two_engines_on_one_lm_keep_their_own_slots(models, fixtures_dir):
+    """Engines of different batch sizes sharing the LM, stepped in turn: each sees only its own choices."""
+    first = fixtures_dir / "lm_tiny_lora" / "lora.safetensors"
+    audio = user_audio(20, 8)
+    expected_adapter, expected_base = solo(models, first, audio), solo(models, None, audio)
+    load_adapter_set(models.lm, [f"tiny={first}"])
+    try:
+        one = DuplexEngine(models.mimi, models.lm, batch_size=1)
+        two = DuplexEngine(models.mimi, models.lm, batch_size=2)
+        one.join(0, GREEDY, adapter="tiny")
+        two.join(0, GREEDY)
+        two.join(1, GREEDY)
+        got_one, got_two = [], []
+        for t in range(audio.size // FRAME_SIZE):
+            frame = audio[t * FRAME_SIZE:(t + 1) * FRAME_SIZE]
+            out_one, out_two = one.step(frame[None]), two.step(np.stack([frame, frame]))
+            if out_one.has_output[0]:
+                got_one.append(out_one.tokens[0].copy())
+                got_two.append(out_two.tokens.copy())
+    finally:
+        detach_adapters(models.lm)
+    np.testing.assert_array_equal(np.stack(got_one), expected_adapter)
+    for slot in range(2):
+        np.testing.assert_array_equal(np.stack(got_two)[:, slot], expected_base)
