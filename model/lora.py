@@ -168,6 +168,12 @@ def plan_adapter(shapes: dict[str, Shape], targets: dict[str, nn.Module], rank: 
     pairs = _pair_prefixes(shapes, problems)
     pieces: dict[str, tuple[str, str, int, int]] = {}
     unknown, misshaped = [], []
+    named: set[str] = set()  # targets the file names (half pairs and mis-shaped ones included)
+    for key in shapes:
+        for suffix in (A_SUFFIX, B_SUFFIX):
+            if key.endswith(suffix):
+                prefix = key[: -len(suffix)]
+                named.update([prefix] if prefix in targets else _fused_members(prefix, targets))
     for prefix, (a_shape, b_shape) in sorted(pairs.items()):
         members = [prefix] if prefix in targets else _fused_members(prefix, targets)
         if not members:
@@ -186,7 +192,7 @@ def plan_adapter(shapes: dict[str, Shape], targets: dict[str, nn.Module], rank: 
                 problems.append(f"{member} is given twice (fused and per-step spellings)")
             pieces[member] = (prefix + A_SUFFIX, prefix + B_SUFFIX, start, start + out)
             start += out
-    missing = sorted(set(targets) - set(pieces) - {m for p in unknown for m in _fused_members(p, targets)})
+    missing = sorted(set(targets) - named)
     for title, items in (("unknown target(s) (not a linear layer of this LM)", unknown),
                          ("mis-shaped pair(s)", misshaped), ("linear layer(s) without an adapter", missing)):
         if items:
