@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -89,6 +90,7 @@ def _run(args: argparse.Namespace) -> int:
     if getattr(args, "adapter", None):
         raise ValueError("--adapter is for serving; to train on top of an adapter, merge it with --lora-weight")
     samples = read_manifest(args.data)  # cheap checks before the models load
+    check_speaker(samples, args.main_speaker)
     if args.resume and latest_checkpoint(args.output) is None:
         raise ValueError(f"--resume: no checkpoint under {args.output / 'checkpoints'}")
     try:
@@ -113,11 +115,21 @@ def _run(args: argparse.Namespace) -> int:
     trainer = Trainer(lm, samples, options)
     if args.resume:
         trainer.resume()
+    started = time.perf_counter()
     losses = trainer.run()
     if losses:
-        print(f"finetune: {len(losses)} step(s), loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
+        per_step = (time.perf_counter() - started) / len(losses)
+        print(f"finetune: {len(losses)} step(s), loss {losses[0]:.3f} -> {losses[-1]:.3f}, {per_step:.2f} s/step; "
               f"wrote {args.output}", file=sys.stderr)
     return 0
+
+
+def check_speaker(samples, main_speaker: str) -> None:
+    """Refuse a dataset in which the model never speaks (a wrong --main-speaker, most likely)."""
+    speakers = {word.speaker for sample in samples for word in sample.words}
+    if speakers and main_speaker not in speakers:
+        raise ValueError(f"no word of the alignments is by {main_speaker!r} (speakers found: "
+                         f"{', '.join(sorted(speakers))}); pass the model's label with --main-speaker")
 
 
 def base_config(raw: dict, lm_config) -> dict:

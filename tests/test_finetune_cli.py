@@ -119,3 +119,12 @@ def test_finetune_refuses_serving_adapters(trained, fixtures_dir, tiny_tokenizer
     assert duplex_main(["finetune", str(manifest), "--output", str(tmp_path), "--adapter", "a=b",
                         *model_argv(fixtures_dir, tiny_tokenizer_path)]) == 1
     assert "--adapter is for serving" in capsys.readouterr().err
+
+
+def test_finetune_refuses_a_dataset_without_the_main_speaker(trained, fixtures_dir, tiny_tokenizer_path, tmp_path,
+                                                              capsys):
+    _, manifest = trained
+    assert duplex_main(["finetune", str(manifest), "--output", str(tmp_path), "--main-speaker", "MOSHI",
+                        *model_argv(fixtures_dir, tiny_tokenizer_path)]) == 1
+    assert "no word of the alignments is by 'MOSHI' (speakers found: SPEAKER_MAIN, SPEAKER_OTHER)" in \
+        capsys.readouterr().err
