@@ -36,7 +36,7 @@ from duplex.client.bench_support import (
     metric_value,
     tiny_model_args,
 )
-from duplex.server.models import ModelSourceError, add_model_arguments, load_models
+from duplex.bundle_args import ModelSourceError, add_model_arguments, load_models
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def run_in_process(args: argparse.Namespace, audio: np.ndarray) -> tuple[RunReco
         if tiny:
             args = tiny_model_args(args, Path(scratch))
         elif args.hf_repo is None:
-            from duplex.server.models import DEFAULT_HF_REPO
+            from duplex.bundle_args import DEFAULT_HF_REPO
 
             args.hf_repo = DEFAULT_HF_REPO
         models = load_models(args)

@@ -23,7 +23,7 @@ import numpy as np
 from duplex.client.audio import FRAME_SIZE, SAMPLE_RATE, AudioFileError, frame_count, read_audio, write_wav
 from duplex.client.flags import add_temperature_topk_arguments
 from duplex.client.text import TranscriptBuilder
-from duplex.server.models import ModelSourceError, add_model_arguments, load_models
+from duplex.bundle_args import ModelSourceError, add_model_arguments, load_models
 
 logger = logging.getLogger(__name__)
 

@@ -43,9 +43,15 @@ def load_mimi(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Mimi:
-    """Build Mimi on `meta`, check the checkpoint strictly (either attention spelling), assign, derive buffers.
+    """Load a Kyutai Mimi checkpoint strictly: build on ``meta``, check, assign, derive the codebook buffers.
 
-    The same rules as the LM loader (``duplex.model.checkpoint.load_strict``): floats cast to ``dtype``.
+    ``weights``: a safetensors path in the published (fused) or per-step spelling, or a state
+    dict. ``config``: a ``MimiConfig``, a Kyutai config dict, a path to a config JSON, or None
+    (the published Mimi). ``num_codebooks``: how many codebooks encode / decode use.
+    Rules shared with ``LMModel.from_pretrained`` (``duplex.model.checkpoint.load_strict``): keys
+    and shapes are checked from the file's header before any tensor is read; floating tensors are
+    cast to ``dtype`` (never rejected for their file dtype), integer ones keep theirs; each tensor
+    is read once, straight to ``device``, and becomes the model's parameter (never held twice).
     """
     config = resolve_config(config)
     with torch.device("meta"):

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "codec": ("duplex.codec.bench", "Mimi encode_step / decode_step latency per 80 ms frame"),
     "lm": ("duplex.model.bench", "LM step latency (temporal + depth), tokens/s, peak memory"),
+    "load": ("duplex.model.bench_load", "load a full-size LM checkpoint: load time, peak RSS, first steps"),
     "server": ("duplex.client.bench_server", "one real-time client over loopback: per-frame latency"),
     "serve": ("duplex.server.bench_serve", "N concurrent real-time clients: batched tick latency"),
     "lora": ("duplex.model.lora_bench", "a batch of slots on several LoRA adapters against the base model"),

@@ -12,13 +12,14 @@ from dataclasses import replace
 
 import torch
 
+from ..codec.config import MimiConfig
 from .config import LMConfig
 from .generate import LMGen, LMGenState
 from .lm import LMModel
 
 logger = logging.getLogger(__name__)
 
-FRAME_MS = 80.0  # one Mimi frame at 12.5 Hz
+FRAME_MS = 1000.0 / MimiConfig.official().frame_rate  # one Mimi frame (80 ms at 12.5 Hz)
 
 
 def preset(name: str) -> LMConfig:

@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 # Keys of Kyutai's config.json that describe something other than the LM itself (kept in `extra`).
 METADATA_KEYS = frozenset({
     "lm_gen_config", "moshi_name", "mimi_name", "tokenizer_name", "model_type", "model_id", "lora_name",
-    "mimi_config", "stt_config", "tts_config", "gradient_checkpointing", "quantize", "model_name",
+    "mimi_config", "mimi_config_name", "stt_config", "tts_config", "gradient_checkpointing", "quantize", "model_name",
 })
 
 # Options of the reference that duplex does not implement. Configs often spell them out with

@@ -33,7 +33,7 @@ def _positive(kind):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from duplex.server.models import add_model_arguments
+    from duplex.bundle_args import add_model_arguments
 
     parser.add_argument("data", type=Path, help="training set: a .jsonl of {\"path\", \"duration\"} stereo WAVs "
                         "(left = the model's voice, right = the user), each with a sidecar .json of alignments")
@@ -79,7 +79,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from duplex.server.models import ModelSourceError, load_models
+    from duplex.bundle_args import load_models
+    from duplex.sources import ModelSourceError
 
     from .finetune_data import encode_sample, read_manifest
     from .finetune_train import Trainer, TrainOptions, latest_checkpoint
@@ -134,7 +135,7 @@ def check_speaker(samples, main_speaker: str) -> None:
 
 def base_config(raw: dict, lm_config) -> dict:
     """The LM's config.json to copy into the output (the preset's fields when there was none)."""
-    from duplex.server.models import SOURCE_KEYS
+    from duplex.bundle import SOURCE_KEYS
 
     from .lora import lm_config_keys
 

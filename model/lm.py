@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -90,9 +91,19 @@ class LMModel(nn.Module):
 
     # ----------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, weights: str | Path | dict[str, torch.Tensor], config: LMConfig | None = None,
+    def from_pretrained(cls, weights: str | Path | Mapping[str, torch.Tensor],
+                        config: LMConfig | Mapping[str, Any] | str | Path | None = None,
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16) -> "LMModel":
-        """Load Kyutai's safetensors (path or state dict) strictly; see ``duplex.model.loading``."""
+        """Load a Kyutai LM checkpoint strictly (``duplex.model.loading.load_lm``).
+
+        ``weights``: a safetensors path in the published (fused) or per-step spelling, or a state
+        dict. ``config``: an ``LMConfig``, a Kyutai config dict, a path to a ``config.json``, or
+        None (``config.json`` next to the weights, else the Moshi 7B preset).
+        Rules shared with ``Mimi.from_pretrained``: keys and shapes are checked from the file's
+        header before any tensor is read; floating tensors are cast to ``dtype`` (never rejected
+        for their file dtype), integer ones keep theirs; each tensor is read once, straight to
+        ``device``, and becomes the model's parameter (the weights are never held twice).
+        """
         from .loading import load_lm
 
         return load_lm(weights, config=config, device=device, dtype=dtype)

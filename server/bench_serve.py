@@ -33,7 +33,7 @@ FRAME_SECONDS = 0.08
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from duplex.server.models import add_model_arguments
+    from duplex.bundle_args import add_model_arguments
 
     parser.add_argument("--sessions", default="1,2,4,8,16",
                         help="comma-separated numbers of concurrent real-time clients (default: 1,2,4,8,16)")
@@ -97,7 +97,8 @@ def main(args: argparse.Namespace) -> int:
 
 def load_bench_models(args: argparse.Namespace):
     """The models of the chosen preset (see --preset)."""
-    from duplex.server.models import load_models, load_models_from_paths
+    from duplex.bundle import load_models_from_paths
+    from duplex.bundle_args import load_models
 
     if args.preset == "files":
         return load_models(args)
@@ -120,7 +121,8 @@ def random_models(args: argparse.Namespace):
     from duplex.codec.mimi import Mimi
     from duplex.model.config import LMConfig
     from duplex.model.lm import LMModel
-    from duplex.server.models import LoadedModels, pick_device, pick_dtype
+    from duplex.bundle import LoadedModels
+    from duplex.bundle_args import pick_device, pick_dtype
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)

@@ -15,8 +15,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The serve flags plus the model-source flags of :mod:`duplex.server.models`."""
-    from duplex.server.models import add_model_arguments
+    """The serve flags plus the model-source flags of :mod:`duplex.bundle_args`."""
+    from duplex.bundle_args import add_model_arguments
 
     defaults = ServerSettings()
     net = parser.add_argument_group("network")
@@ -78,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from duplex.server.app import GracefulServer, create_app
-    from duplex.server.models import ModelSourceError, load_models
+    from duplex.bundle_args import ModelSourceError, load_models
 
     logging.getLogger().setLevel(args.log_level.upper())
     try:

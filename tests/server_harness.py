@@ -19,7 +19,7 @@ FRAME = 1920
 
 def load_tiny_models(fixtures_dir: Path, tokenizer_path: Path):
     """The tiny fixture models through the same loader `duplex serve` uses (greedy lm_gen_config)."""
-    from duplex.server.models import load_models_from_paths
+    from duplex.bundle import load_models_from_paths
 
     return load_models_from_paths(
         fixtures_dir / "lm_tiny" / "model.safetensors",

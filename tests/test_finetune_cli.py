@@ -13,7 +13,8 @@ from lm_test_utils import fixture_lm
 from duplex.cli import main as duplex_main
 from duplex.model.lora import read_adapter
 from duplex.model.tokenizer import TextTokenizer
-from duplex.server.models import ModelSourceError, add_model_arguments, load_models
+from duplex.bundle_args import add_model_arguments, load_models
+from duplex.sources import ModelSourceError
 
 
 def model_argv(fixtures, tokenizer) -> list[str]:

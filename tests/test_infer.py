@@ -12,7 +12,7 @@ from duplex.cli import main as duplex_main
 from duplex.client.audio import FRAME_SIZE, read_audio
 from duplex.client.infer import run_batch
 from duplex.server.engine import SlotSampling
-from duplex.server.models import load_models_from_paths
+from duplex.bundle import load_models_from_paths
 from server_harness import reference_server_run
 
 

@@ -70,12 +70,12 @@ def test_bad_files(tmp_path, tiny):
 
 
 def test_mismatch_is_found_before_any_tensor_is_read(fixtures_dir, tmp_path, monkeypatch):
-    import safetensors.torch
+    from duplex.model import safetensors_io
 
     def must_not_read(*args, **kwargs):
         raise AssertionError("tensors were read before the keys and shapes were checked")
 
-    monkeypatch.setattr(safetensors.torch, "load_file", must_not_read)
+    monkeypatch.setattr(safetensors_io, "_fill_from", must_not_read)
     wrong_config = LMConfig.from_kyutai(fixtures_dir / "lm_tiny" / "config.json")
     weights = fixtures_dir / "lm_options_tiny" / "model.safetensors"
     with pytest.raises(CheckpointMismatchError, match=r"lm_options_tiny/model.safetensors does not match"):

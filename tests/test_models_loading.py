@@ -1,4 +1,4 @@
-"""Model sources (duplex.server.models): local paths, file:// URLs, hf:// through a fake local Hub
+"""Model sources (duplex.bundle_args): local paths, file:// URLs, hf:// through a fake local Hub
 cache, config.json keys, and clear errors for missing files or an unreachable hub."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from duplex.server import model_sources
-from duplex.server.models import (
+from duplex import sources as model_sources
+from duplex.bundle_args import (
     DEFAULT_HF_REPO,
     ModelSourceError,
     add_model_arguments,
