@@ -45,14 +45,16 @@ class ProjectedTransformer(nn.Module):
         """A fresh state fed at most `chunk_size` steps per call."""
         return self.transformer.init_state(batch_size, chunk_size=chunk_size, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, state: TransformerState | None = None) -> Tensor:
-        """x [B, T, C_in] -> [B, T, C_out] (channels-last; Kyutai's conv layout is handled by the caller)."""
+    def forward(self, x: Tensor, state: TransformerState | None = None, ready: Tensor | None = None) -> Tensor:
+        """x [B, T, C_in] -> [B, T, C_out] (channels-last; Kyutai's conv layout is handled by the caller).
+
+        `ready` [B] bool: only those slots advance their state (None = all)."""
         if self.input_proj is not None:
             x = self.input_proj(x)
         if state is None:
             steps = x.shape[1]
             state = self.transformer.init_state(x.shape[0], chunk_size=steps, max_steps=steps, device=x.device)
-        x = self.transformer(x, state)  # [B, T, D]
+        x = self.transformer(x, state, ready)  # [B, T, D]
         return self.output_projs[0](x)  # [B, T, C_out]
 
 
@@ -68,9 +70,9 @@ class ConvDownsample1d(nn.Module):
         """State for inputs of `chunk` steps (at the encoder rate)."""
         return self.conv.init_state(batch_size, chunk, device, dtype)
 
-    def forward(self, x: Tensor, state: Conv1dState | None = None) -> Tensor:
-        """x [B, T, C] -> [B, T / stride, C]."""
-        return self.conv(x, state)
+    def forward(self, x: Tensor, state: Conv1dState | None = None, ready: Tensor | None = None) -> Tensor:
+        """x [B, T, C] -> [B, T / stride, C]; `ready`: slots that advance (None = all)."""
+        return self.conv(x, state, ready=ready)
 
 
 class ConvTrUpsample1d(nn.Module):
@@ -85,6 +87,6 @@ class ConvTrUpsample1d(nn.Module):
         """State carrying the transposed conv's pending overlap."""
         return self.convtr.init_state(batch_size, device, dtype)
 
-    def forward(self, x: Tensor, state: ConvTranspose1dState | None = None) -> Tensor:
-        """x [B, T, C] -> [B, T * stride, C]."""
-        return self.convtr(x, state)
+    def forward(self, x: Tensor, state: ConvTranspose1dState | None = None, ready: Tensor | None = None) -> Tensor:
+        """x [B, T, C] -> [B, T * stride, C]; `ready`: slots that advance (None = all)."""
+        return self.convtr(x, state, ready=ready)

@@ -3,6 +3,7 @@
 `StreamingConv1d` keeps the last `kernel_eff - stride` input steps of each batch slot; `StreamingConvTranspose1d`
 keeps the overlapping tail of its output (without bias) and adds it to the next chunk. Called without a state,
 each builds a fresh one sized for the input, so offline processing is streaming with a fresh state.
+With a `ready` mask [B] (bool), only the ready slots advance: the others keep every state tensor as it was.
 
 Both compute with one matrix product: the conv gathers its input windows (im2col, a strided view of the
 channels-last buffer) and the transposed conv overlap-adds `kernel / stride` shifted blocks. Weights keep
@@ -37,6 +38,14 @@ class Conv1dState:
         if self.first is not None:
             self.first.logical_or_(mask)
 
+    def slot_tensors(self) -> list[Tensor]:
+        """The per-slot tensors (batch first)."""
+        return [self.buffer] if self.first is None else [self.buffer, self.first]
+
+    def prefix(self, rows: int) -> Conv1dState:
+        """A view of the first `rows` slots (shares memory)."""
+        return Conv1dState(self.buffer[:rows], self.history, None if self.first is None else self.first[:rows])
+
 
 @dataclass
 class ConvTranspose1dState:
@@ -47,6 +56,24 @@ class ConvTranspose1dState:
     def reset(self, mask: Tensor) -> None:
         """Drop the pending overlap of the slots where `mask` ([B] bool) is true."""
         self.partial.masked_fill_(mask[:, None, None], 0.0)
+
+    def slot_tensors(self) -> list[Tensor]:
+        """The per-slot tensors (batch first)."""
+        return [self.partial]
+
+    def prefix(self, rows: int) -> ConvTranspose1dState:
+        """A view of the first `rows` slots (shares memory)."""
+        return ConvTranspose1dState(self.partial[:rows])
+
+
+def keep_where(ready: Tensor | None, new: Tensor, old: Tensor) -> None:
+    """old <- new in the rows (dim 0) where `ready` [B] is true; all rows when `ready` is None.
+
+    `new` must not partially overlap `old` in memory."""
+    if ready is None:
+        old.copy_(new)
+    else:
+        torch.where(ready.view(-1, *([1] * (old.dim() - 1))), new, old, out=old)
 
 
 def elu_into(x: Tensor, out: Tensor) -> Tensor:
@@ -191,8 +218,12 @@ class StreamingConv1d(nn.Module):
                 out = torch.bmm(shifted, weight)
         return out
 
-    def forward(self, x: Tensor, state: Conv1dState | None = None, activate: bool = False) -> Tensor:
-        """x [B, T, C_in] (T a multiple of the stride) -> [B, T / stride, C_out]; `activate`: ELU(x) first."""
+    def forward(
+        self, x: Tensor, state: Conv1dState | None = None, activate: bool = False, ready: Tensor | None = None
+    ) -> Tensor:
+        """x [B, T, C_in] (T a multiple of the stride) -> [B, T / stride, C_out]; `activate`: ELU(x) first.
+
+        `ready` [B] bool: only those slots advance their state (None = all)."""
         length = x.shape[1]
         if length % self.stride:
             raise ValueError(f"conv input length {length} is not a multiple of its stride {self.stride}")
@@ -202,31 +233,37 @@ class StreamingConv1d(nn.Module):
             state = self.init_state(x.shape[0], length, x.device, x.dtype)
         history, buffer = self.history, state.buffer  # buffer [B, history + chunk, C_in]
         if state.first is not None:
-            self._replicate_first(x[:, :1], state, activate)
+            self._replicate_first(x[:, :1], state, activate, ready)
         if buffer.shape[1] != history + length:
-            return self._forward_other_length(F.elu(x) if activate else x, state)
-        if activate:
+            return self._forward_other_length(F.elu(x) if activate else x, state, ready)
+        if ready is None and activate:
             elu_into(x, buffer[:, history:])  # ELU written straight into the buffer
+        elif activate:
+            keep_where(ready, elu_into(x, torch.empty_like(x)), buffer[:, history:])
         else:
-            buffer[:, history:].copy_(x)
+            keep_where(ready, x, buffer[:, history:])
         y = self._convolve(buffer)
         tail = buffer[:, length:]
-        buffer[:, :history].copy_(tail.clone() if length < history else tail)
+        keep_where(ready, tail.clone() if length < history else tail, buffer[:, :history])
         return y
 
-    def _replicate_first(self, first_step: Tensor, state: Conv1dState, activate: bool) -> None:
+    def _replicate_first(self, first_step: Tensor, state: Conv1dState, activate: bool, ready: Tensor | None) -> None:
         """Replicate padding: a slot's first chunk sees its first step repeated as history."""
         assert state.first is not None
         first_step = F.elu(first_step) if activate else first_step  # [B, 1, C_in]
+        first = state.first if ready is None else state.first & ready  # [B]
         history = state.buffer[:, : self.history]
-        history.copy_(torch.where(state.first[:, None, None], first_step, history))
-        state.first.zero_()
+        history.copy_(torch.where(first[:, None, None], first_step, history))
+        if ready is None:
+            state.first.zero_()
+        else:
+            state.first.logical_and_(~ready)
 
-    def _forward_other_length(self, x: Tensor, state: Conv1dState) -> Tensor:
+    def _forward_other_length(self, x: Tensor, state: Conv1dState, ready: Tensor | None) -> Tensor:
         """Chunks of another length than preallocated: concatenate (allocates; not the hot path)."""
         history = self.history
         full = torch.cat([state.buffer[:, :history], x], dim=1)  # [B, history + T, C_in]
-        state.buffer[:, :history].copy_(full[:, full.shape[1] - history :])
+        keep_where(ready, full[:, full.shape[1] - history :], state.buffer[:, :history])
         return self._convolve(full)
 
 
@@ -275,8 +312,10 @@ class StreamingConvTranspose1d(nn.Module):
         matrix = weight.permute(0, 2, 1).reshape(self.in_channels, -1)  # [C_in, K * C_out]
         return torch.mm(x.reshape(batch * steps, -1), matrix).view(batch, steps, self.kernel_size, -1)
 
-    def forward(self, x: Tensor, state: ConvTranspose1dState | None = None, activate: bool = False) -> Tensor:
-        """x [B, T, C_in] -> [B, T * stride, C_out]; `activate`: ELU(x) first."""
+    def forward(
+        self, x: Tensor, state: ConvTranspose1dState | None = None, activate: bool = False, ready: Tensor | None = None
+    ) -> Tensor:
+        """x [B, T, C_in] -> [B, T * stride, C_out]; `activate`: ELU(x) first; `ready` as for the conv."""
         if activate:
             x = F.elu(x)
         if state is None:
@@ -294,7 +333,7 @@ class StreamingConvTranspose1d(nn.Module):
         emitted = steps * stride
         overlap = state.partial.shape[1]
         total[:, :overlap].add_(state.partial)
-        state.partial.copy_(total[:, emitted:])
+        keep_where(ready, total[:, emitted:], state.partial)
         out = total[:, :emitted]
         bias = self.convtr.convtr.bias
         return out.add_(bias) if bias is not None else out

@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from duplex.model.transformer import check_ready
+
 from .blocks import ConvDownsample1d, ConvTrUpsample1d, ProjectedTransformer
 from .config import MimiConfig
 from .quantizer import SplitResidualVectorQuantizer
@@ -142,8 +144,13 @@ class Mimi(nn.Module):
 
     # ------------------------------------------------------------------ streaming
     @_inference
-    def encode_step(self, frame: Tensor, state: MimiState, validate: bool | None = None) -> Tensor:
+    def encode_step(
+        self, frame: Tensor, state: MimiState, validate: bool | None = None, ready: Tensor | None = None
+    ) -> Tensor:
         """One frame of audio [B, 1, frame_size] -> codes [B, num_codebooks, 1] (int64).
+
+        ``ready`` [B] bool (None = all): only those slots advance; the others keep every tensor of
+        their encoder state as it was, and their codes are meaningless. No host sync.
 
         ``validate`` controls the NaN/inf check of the samples, which needs the values on the host:
         None (default) checks CPU frames only, since on an accelerator it would block every step
@@ -153,12 +160,16 @@ class Mimi(nn.Module):
         if validate is None:
             validate = isinstance(frame, Tensor) and frame.device.type == "cpu"
         frame = self._check_audio(frame, exact_frames=1, check_finite=validate)
-        self._check_state(state, frame.shape[0])
-        return self._codes_from_audio(frame, state.encoder)
+        self._check_state(state, frame.shape[0], ready)
+        return self._codes_from_audio(frame, state.encoder, ready)
 
     @_inference
-    def decode_step(self, codes: Tensor, state: MimiState, validate: bool | None = None) -> Tensor:
+    def decode_step(
+        self, codes: Tensor, state: MimiState, validate: bool | None = None, ready: Tensor | None = None
+    ) -> Tensor:
         """Codes of one frame [B, K, 1] -> audio [B, 1, frame_size] (float32).
+
+        ``ready``: as for ``encode_step``, for the decoder state.
 
         ``validate``: the range check of the codes, as for ``encode_step`` (None = CPU codes only;
         off an accelerator's hot path because it needs a host sync).
@@ -166,8 +177,8 @@ class Mimi(nn.Module):
         if validate is None:
             validate = isinstance(codes, Tensor) and codes.device.type == "cpu"
         codes = self._check_codes(codes, exact_frames=1, check_range=validate)
-        self._check_state(state, codes.shape[0])
-        return self._audio_from_latent(self.quantizer.decode(codes), state.decoder)
+        self._check_state(state, codes.shape[0], ready)
+        return self._audio_from_latent(self.quantizer.decode(codes), state.decoder, ready)
 
     # ------------------------------------------------------------------ offline
     @_inference
@@ -224,22 +235,23 @@ class Mimi(nn.Module):
         parts = latent.split(state.frames_per_chunk, dim=1)
         return torch.cat([self._audio_from_latent(part, state.decoder) for part in parts], dim=-1)
 
-    def _latent_from_audio(self, audio: Tensor, state: EncoderState) -> Tensor:
+    def _latent_from_audio(self, audio: Tensor, state: EncoderState, ready: Tensor | None = None) -> Tensor:
         """Audio [B, 1, n * frame_size] -> unquantized latent [B, n, D] (channels-last)."""
         batch, _, samples = audio.shape
-        latent = self.encoder(audio.reshape(batch, samples, 1), state.seanet)  # [B, 2n, D] at 25 Hz
-        latent = self.encoder_transformer(latent, state.transformer)
-        return self.downsample(latent, state.downsample)  # [B, n, D] at 12.5 Hz
+        latent = self.encoder(audio.reshape(batch, samples, 1), state.seanet, ready)  # [B, 2n, D] at 25 Hz
+        latent = self.encoder_transformer(latent, state.transformer, ready)
+        return self.downsample(latent, state.downsample, ready)  # [B, n, D] at 12.5 Hz
 
-    def _codes_from_audio(self, audio: Tensor, state: EncoderState) -> Tensor:
+    def _codes_from_audio(self, audio: Tensor, state: EncoderState, ready: Tensor | None = None) -> Tensor:
         """Audio [B, 1, n * frame_size] -> codes [B, num_codebooks, n]."""
-        return self.quantizer.encode(self._latent_from_audio(audio, state), self.num_codebooks).contiguous()
+        latent = self._latent_from_audio(audio, state, ready)
+        return self.quantizer.encode(latent, self.num_codebooks).contiguous()
 
-    def _audio_from_latent(self, latent: Tensor, state: DecoderState) -> Tensor:
+    def _audio_from_latent(self, latent: Tensor, state: DecoderState, ready: Tensor | None = None) -> Tensor:
         """Quantized latent [B, n, D] -> audio [B, 1, n * frame_size] (float32)."""
-        latent = self.upsample(latent, state.upsample)  # [B, 2n, D]
-        latent = self.decoder_transformer(latent, state.transformer)
-        audio = self.decoder(latent, state.seanet)  # [B, n * frame_size, 1]
+        latent = self.upsample(latent, state.upsample, ready)  # [B, 2n, D]
+        latent = self.decoder_transformer(latent, state.transformer, ready)
+        audio = self.decoder(latent, state.seanet, ready)  # [B, n * frame_size, 1]
         return audio.reshape(audio.shape[0], 1, -1).float()
 
     def _pad_to_frames(self, audio: Tensor) -> Tensor:
@@ -281,10 +293,11 @@ class Mimi(nn.Module):
             raise ValueError(f"codes must lie in 0..{self.cardinality - 1}")
         return codes.to(device=self._param().device, dtype=torch.long)
 
-    def _check_state(self, state: MimiState, batch_size: int) -> None:
+    def _check_state(self, state: MimiState, batch_size: int, ready: Tensor | None = None) -> None:
         if not isinstance(state, MimiState):
             raise ValueError(f"state must be a MimiState from init_state(), got {type(state).__name__}")
         if state.batch_size != batch_size:
             raise ValueError(f"state was made for batch size {state.batch_size}, input has {batch_size}")
         if state.frames_per_chunk != 1:
             raise ValueError("encode_step/decode_step need a state from init_state(batch_size) (one frame per call)")
+        check_ready(ready, batch_size)

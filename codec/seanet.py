@@ -34,6 +34,14 @@ class ResidualState:
             if state is not None:
                 state.reset(mask)
 
+    def slot_tensors(self) -> list[Tensor]:
+        """The per-slot tensors (batch first)."""
+        return [t for state in (self.conv1, self.conv2) if state is not None for t in state.slot_tensors()]
+
+    def prefix(self, rows: int) -> ResidualState:
+        """A view of the first `rows` slots (shares memory)."""
+        return ResidualState(*(None if state is None else state.prefix(rows) for state in (self.conv1, self.conv2)))
+
 
 @dataclass
 class SeanetState:
@@ -46,6 +54,14 @@ class SeanetState:
         for state in self.layers:
             if state is not None:
                 state.reset(mask)
+
+    def slot_tensors(self) -> list[Tensor]:
+        """The per-slot tensors (batch first)."""
+        return [t for state in self.layers if state is not None for t in state.slot_tensors()]
+
+    def prefix(self, rows: int) -> SeanetState:
+        """A view of the first `rows` slots (shares memory)."""
+        return SeanetState([None if state is None else state.prefix(rows) for state in self.layers])
 
 
 class ResidualBlock(nn.Module):
@@ -70,10 +86,11 @@ class ResidualBlock(nn.Module):
             conv1.init_state(batch_size, chunk, device, dtype), conv2.init_state(batch_size, chunk, device, dtype)
         )
 
-    def forward(self, x: Tensor, state: ResidualState | None = None) -> Tensor:
-        """x [B, T, C] -> [B, T, C] (channels-last)."""
-        hidden = self.block[1](x, None if state is None else state.conv1, activate=True)  # [B, T, C // compress]
-        hidden = self.block[3](F.elu_(hidden), None if state is None else state.conv2)
+    def forward(self, x: Tensor, state: ResidualState | None = None, ready: Tensor | None = None) -> Tensor:
+        """x [B, T, C] -> [B, T, C] (channels-last); `ready` [B]: slots that advance (None = all)."""
+        conv1, conv2 = (None, None) if state is None else (state.conv1, state.conv2)
+        hidden = self.block[1](x, conv1, activate=True, ready=ready)  # [B, T, C // compress]
+        hidden = self.block[3](F.elu_(hidden), conv2, ready=ready)
         return hidden.add_(x)
 
 
@@ -112,8 +129,10 @@ class _SeanetBase(nn.Module):
                 states.append(None)
         return SeanetState(states)
 
-    def forward(self, x: Tensor, state: SeanetState | None = None) -> Tensor:
-        """Run all layers; without a state a fresh one is built (offline = streaming from scratch)."""
+    def forward(self, x: Tensor, state: SeanetState | None = None, ready: Tensor | None = None) -> Tensor:
+        """Run all layers; without a state a fresh one is built (offline = streaming from scratch).
+
+        `ready` [B] bool: only those slots advance their state (None = all)."""
         if state is None:
             state = self.init_state(x.shape[0], x.shape[-1], x.device, x.dtype)
         activate = False  # an ELU is fused into the next conv's input staging
@@ -121,9 +140,9 @@ class _SeanetBase(nn.Module):
             if isinstance(layer, nn.ELU):
                 activate = True
             elif isinstance(layer, ResidualBlock):
-                x = layer(x, layer_state)
+                x = layer(x, layer_state, ready)
             else:
-                x = layer(x, layer_state, activate=activate)
+                x = layer(x, layer_state, activate=activate, ready=ready)
                 activate = False
         return x
 

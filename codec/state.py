@@ -27,6 +27,16 @@ class EncoderState:
         if self.downsample is not None:
             self.downsample.reset(mask)
 
+    def slot_tensors(self) -> list[Tensor]:
+        """The per-slot tensors (batch first)."""
+        downsample = [] if self.downsample is None else self.downsample.slot_tensors()
+        return [*self.seanet.slot_tensors(), *self.transformer.slot_tensors(), *downsample]
+
+    def prefix(self, rows: int) -> EncoderState:
+        """A view of the first `rows` slots (shares memory)."""
+        downsample = None if self.downsample is None else self.downsample.prefix(rows)
+        return EncoderState(self.seanet.prefix(rows), self.transformer.prefix(rows), downsample)
+
 
 @dataclass
 class DecoderState:
@@ -41,6 +51,14 @@ class DecoderState:
         self.upsample.reset(mask)
         self.transformer.reset(mask)
         self.seanet.reset(mask)
+
+    def slot_tensors(self) -> list[Tensor]:
+        """The per-slot tensors (batch first)."""
+        return [*self.upsample.slot_tensors(), *self.transformer.slot_tensors(), *self.seanet.slot_tensors()]
+
+    def prefix(self, rows: int) -> DecoderState:
+        """A view of the first `rows` slots (shares memory)."""
+        return DecoderState(self.upsample.prefix(rows), self.transformer.prefix(rows), self.seanet.prefix(rows))
 
 
 @dataclass
@@ -74,6 +92,16 @@ class MimiState:
         """Restart only the decoder side (codes -> audio) of the chosen slots."""
         with torch.inference_mode():
             self.decoder.reset(self._check_mask(mask))
+
+    def slot_tensors(self) -> list[Tensor]:
+        """Every tensor holding per-slot state (batch first): what moving a slot copies."""
+        return [*self.encoder.slot_tensors(), *self.decoder.slot_tensors()]
+
+    def prefix(self, rows: int) -> MimiState:
+        """A view of the first `rows` slots sharing this state's memory (no copy), for a cheaper step."""
+        if not 1 <= rows <= self.batch_size:
+            raise ValueError(f"prefix rows must be in 1..{self.batch_size}, got {rows}")
+        return MimiState(rows, self.frames_per_chunk, self.encoder.prefix(rows), self.decoder.prefix(rows))
 
     def reset_all(self) -> None:
         """Restart every slot."""

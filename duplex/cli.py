@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "load": ("duplex.model.bench_load", "load a full-size LM checkpoint: load time, peak RSS, first steps"),
     "server": ("duplex.client.bench_server", "one real-time client over loopback: per-frame latency"),
     "serve": ("duplex.server.bench_serve", "N concurrent real-time clients: batched tick latency"),
+    "engine": ("duplex.server.bench_engine", "engine step cost with few active slots on a big engine"),
     "lora": ("duplex.model.lora_bench", "a batch of slots on several LoRA adapters against the base model"),
     "finetune": ("duplex.model.finetune_bench", "one LoRA training step (forward, backward, AdamW)"),
 }

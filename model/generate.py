@@ -9,6 +9,9 @@ at ring index ``(t + 1 + delays[k]) % capacity``, the step at which the temporal
 reads it. User tokens are written ``delays[k]`` steps ahead, generated tokens one step ahead,
 and a slot reads ``initial`` tokens while its clock is ``<= delays[k]`` (the same alignment as
 ``LMModel.forward``), so stale ring entries of a restarted slot are never read.
+
+``step(codes, state, ready)`` advances only the slots where ``ready`` [B] is True: the others keep
+their token ring, clock (hence their noise) and transformer states exactly as they were.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from .lm import LMModel
-from .sampling import SlotSampling, gumbel_noise, mix32, sample_tokens, slot_keys
-from .transformer import TransformerState
+from .sampling import DrawPlan, SlotSampling, StreamSampling, gumbel_noise, mix32, sample_tokens, slot_keys
+from .transformer import TransformerState, check_ready
 
 DEFAULT_UNLIMITED_STEPS = 3000  # attention window (cache length) when the LM's context is None
 NO_TOKEN = -1  # what a slot returns while it is not yet valid
@@ -51,6 +54,34 @@ class LMGenState:
     @property
     def device(self) -> torch.device:
         return self.offsets.device
+
+    def slot_tensors(self) -> list[torch.Tensor]:
+        """Every tensor holding per-slot streaming state (batch first); sampling settings apart."""
+        return [self.offsets, self.cache, *self.temporal.slot_tensors(), *self.depth.slot_tensors()]
+
+    def prefix(self, rows: int) -> "LMGenState":
+        """A view of the first ``rows`` slots sharing this state's memory (no copy), for a cheaper step.
+
+        The view shares the full batch's sampling settings (see ``draw_plan`` and ``seeds``)."""
+        if not 1 <= rows <= self.batch_size:
+            raise ValueError(f"prefix rows must be in 1..{self.batch_size}, got {rows}")
+        return LMGenState(rows, self.offsets[:rows], self.cache[:rows], self.temporal.prefix(rows),
+                          self.depth.prefix(rows), self.sampling, self.constants)
+
+    def draw_plan(self, stream: StreamSampling, vocab: int) -> DrawPlan | None:
+        """The sampling plan of a stream kind for this state's slots (None: all greedy)."""
+        plan = self.sampling.plan(stream, vocab)
+        return None if plan is None else plan.rows(self.batch_size)
+
+    def seeds(self, seeds: torch.Tensor) -> torch.Tensor:
+        """The rows of a [full batch] seed tensor that belong to this state's slots."""
+        return seeds[:self.batch_size]
+
+    def move_slot(self, src: int, dst: int) -> None:
+        """Give slot ``dst`` a copy of slot ``src``'s whole state, sampling settings included."""
+        for tensor in self.slot_tensors():
+            tensor[dst] = tensor[src]
+        self.sampling.move_slot(src, dst)
 
     @torch.inference_mode()
     def reset(self, mask: torch.Tensor) -> None:
@@ -121,59 +152,77 @@ class LMGen:
         offsets = torch.zeros(batch_size, dtype=torch.long, device=device)
         return LMGenState(batch_size, offsets, cache, temporal, depth, sampling, constants)
 
-    def step(self, user_codes: torch.Tensor, state: LMGenState) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw_plans(self, state: LMGenState) -> tuple[DrawPlan | None, DrawPlan | None]:
+        """The (text, audio) sampling plans the next step will use, built now (they are cached)."""
+        config = self.lm.config
+        return (state.sampling.plan(state.sampling.text, config.text_out_card),
+                state.sampling.plan(state.sampling.audio, config.card))
+
+    def step(self, user_codes: torch.Tensor, state: LMGenState, ready: torch.Tensor | None = None,
+             validate: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """user_codes [B, n_q - dep_q, 1] -> tokens [B, 1 + dep_q, 1], valid [B] (bool).
 
         tokens: the text token, then the model's dep_q audio tokens of one frame (re-aligned
         across the delays); a slot's tokens are valid from its step ``max_delay`` on (-1 before).
+        ``ready`` [B] bool (None = all): only those slots step; the others keep their whole state
+        and return -1 (valid False). ``validate``: the range check of CPU codes (it needs the
+        values on the host; None = on CPU only, False = never).
         """
         if torch.is_inference_mode_enabled():
-            return self._step(user_codes, state)
+            return self._step(user_codes, state, ready, validate)
         with torch.inference_mode():
-            tokens, valid = self._step(user_codes, state)
+            tokens, valid = self._step(user_codes, state, ready, validate)
         return tokens.clone(), valid.clone()  # ordinary tensors for callers outside inference mode
 
-    def _step(self, user_codes: torch.Tensor, state: LMGenState) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, text_token = self.temporal_step(user_codes, state)
-        audio_tokens = self.depth_step(hidden, text_token, state)
-        return self.finish_step(text_token, audio_tokens, state)
+    def _step(self, user_codes: torch.Tensor, state: LMGenState, ready: torch.Tensor | None,
+              validate: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, text_token = self.temporal_step(user_codes, state, ready, validate)
+        audio_tokens = self.depth_step(hidden, text_token, state, ready)
+        return self.finish_step(text_token, audio_tokens, state, ready)
 
     # The three phases of a step, public so that benchmarks can time them separately.
-    def temporal_step(self, user_codes: torch.Tensor, state: LMGenState):
+    def temporal_step(self, user_codes: torch.Tensor, state: LMGenState, ready: torch.Tensor | None = None,
+                      validate: bool | None = None):
         """Feed one frame to the temporal transformer and sample the text token.
 
         Returns hidden [B, 1, dim], text_token [B]; the text noise is keyed by the slots' text seeds.
         """
-        user_codes = self._check_user_codes(user_codes, state)
+        user_codes = self._check_user_codes(user_codes, state, validate)
+        check_ready(ready, state.batch_size)
         consts, cache, offsets = state.constants, state.cache, state.offsets
         batch, streams, capacity = cache.shape
         first_user = 1 + self.dep_q
         ahead = (offsets[:, None] + consts.delays[None, first_user:]) % capacity  # [B, Ku]
-        cache[:, first_user:].scatter_(2, ahead[:, :, None], user_codes)
+        _write_tokens(cache[:, first_user:], ahead[:, :, None], user_codes, ready)
         now = (offsets % capacity)[:, None, None].expand(batch, streams, 1)  # [B, K, 1]
         tokens = cache.gather(2, now)  # [B, K, 1]
         starting = offsets[:, None] <= consts.delays[None, :]  # [B, K]
         tokens = torch.where(starting[:, :, None], consts.initial[None, :, None], tokens)
-        hidden, text_logits = self.lm.temporal(tokens, state.temporal)  # [B, 1, D], [B, 1, 1, Vt]
-        plan = state.sampling.plan(state.sampling.text, text_logits.shape[-1])
+        hidden, text_logits = self.lm.temporal(tokens, state.temporal, ready)  # [B, 1, D], [B, 1, 1, Vt]
+        plan = state.draw_plan(state.sampling.text, text_logits.shape[-1])
         noise = None
         if plan is not None:
-            text_keys = slot_keys(state.sampling.text_seed, offsets)  # [B]
+            text_keys = slot_keys(state.seeds(state.sampling.text_seed), offsets)  # [B]
             noise = gumbel_noise(text_keys, consts.streams[:1], consts.rank_hashes[:plan.candidates])[:, 0]
         text_token = sample_tokens(text_logits[:, 0, 0], plan, noise)
         return hidden, text_token
 
-    def depth_step(self, hidden: torch.Tensor, text_token: torch.Tensor, state: LMGenState) -> torch.Tensor:
+    def depth_step(self, hidden: torch.Tensor, text_token: torch.Tensor, state: LMGenState,
+                   ready: torch.Tensor | None = None) -> torch.Tensor:
         """Generate the dep_q audio tokens of the frame, one after the other: -> [B, dep_q].
 
         The audio noise is keyed by the slots' audio seeds (and clocks, not yet advanced).
         """
         lm, config, consts = self.lm, self.lm.config, state.constants
-        state.depth.reset_all()
-        plan = state.sampling.plan(state.sampling.audio, config.card)
+        if ready is None:
+            state.depth.reset_all()
+        else:  # slots not ready keep even this per-frame scratch state
+            state.depth.reset(ready)
+            state.depth.steps_since_full_reset = 0
+        plan = state.draw_plan(state.sampling.audio, config.card)
         noise = None  # [B, dep_q, N]: all the codebooks' noise at once
         if plan is not None:
-            audio_keys = slot_keys(state.sampling.audio_seed, state.offsets)  # [B]
+            audio_keys = slot_keys(state.seeds(state.sampling.audio_seed), state.offsets)  # [B]
             noise = gumbel_noise(audio_keys, consts.streams[1:], consts.rank_hashes[:plan.candidates])
         projections: dict[int, torch.Tensor] = {}
         previous = text_token[:, None]  # [B, 1]
@@ -184,28 +233,33 @@ class LMGen:
                 projections[index] = lm.depformer_projection(k, hidden)  # [B, 1, Dd]
             depth_in = lm.depformer_input(k, hidden, previous, projection=projections[index],
                                           known_tokens=True)  # [B, 1, Dd]
-            logits = lm.linears[k](lm.depformer(depth_in, state.depth))  # [B, 1, card]
+            logits = lm.linears[k](lm.depformer(depth_in, state.depth, ready))  # [B, 1, card]
             token = sample_tokens(logits[:, 0], plan, None if noise is None else noise[:, k])
             tokens.append(token)
             previous = token[:, None]
         return torch.stack(tokens, dim=1)
 
-    def finish_step(self, text_token: torch.Tensor, audio_tokens: torch.Tensor, state: LMGenState):
+    def finish_step(self, text_token: torch.Tensor, audio_tokens: torch.Tensor, state: LMGenState,
+                    ready: torch.Tensor | None = None):
         """Store the frame's tokens, read back the re-aligned output frame and advance the clocks."""
         consts, cache, offsets = state.constants, state.cache, state.offsets
         batch, _, capacity = cache.shape
         generated = 1 + self.dep_q
         frame = torch.cat([text_token[:, None], audio_tokens], dim=1)[:, :, None]  # [B, 1 + dep_q, 1]
         next_index = ((offsets + 1) % capacity)[:, None, None].expand(batch, generated, 1)
-        cache[:, :generated].scatter_(2, next_index, frame)
+        ring = cache[:, :generated]
+        _write_tokens(ring, next_index, frame, ready)
         back = offsets[:, None] + 1 - self.max_delay + consts.delays[None, :generated]  # [B, 1 + dep_q]
-        tokens = cache[:, :generated].gather(2, (back % capacity)[:, :, None])  # [B, 1 + dep_q, 1]
+        tokens = ring.gather(2, (back % capacity)[:, :, None])  # [B, 1 + dep_q, 1]
         valid = offsets >= self.max_delay  # [B]
+        if ready is not None:
+            valid = valid & ready
         tokens = tokens.masked_fill(~valid[:, None, None], NO_TOKEN)
-        offsets.add_(1)
+        offsets.add_(1 if ready is None else ready.long())
         return tokens, valid
 
-    def _check_user_codes(self, user_codes: torch.Tensor, state: LMGenState) -> torch.Tensor:
+    def _check_user_codes(self, user_codes: torch.Tensor, state: LMGenState,
+                          validate: bool | None = None) -> torch.Tensor:
         expected = (state.batch_size, self.num_user_codebooks, 1)
         if tuple(user_codes.shape) != expected:
             raise ValueError(f"user_codes must be {list(expected)} (batch, user codebooks, 1 frame), "
@@ -213,9 +267,18 @@ class LMGen:
         if user_codes.dtype not in (torch.int64, torch.int32, torch.int16):
             raise ValueError(f"user_codes must be integer token ids, got {user_codes.dtype}")
         user_codes = user_codes.to(device=state.device, dtype=torch.long)
-        if user_codes.device.type == "cpu":  # a range check costs a host sync elsewhere
+        if validate is None:
+            validate = user_codes.device.type == "cpu"  # a range check costs a host sync elsewhere
+        if validate:
             low, high = int(user_codes.min()), int(user_codes.max())
             if low < -1 or high > self.lm.config.card:
                 raise ValueError(f"user_codes must be audio tokens in 0..{self.lm.config.card - 1} "
                                  f"(-1 = no input), got values in {low}..{high}")
         return user_codes
+
+
+def _write_tokens(ring: torch.Tensor, index: torch.Tensor, tokens: torch.Tensor, ready: torch.Tensor | None) -> None:
+    """ring [B, K, C] <- tokens [B, K, 1] at index [B, K, 1]; rows not ready keep their entries."""
+    if ready is not None:
+        tokens = torch.where(ready[:, None, None], tokens, ring.gather(2, index))
+    ring.scatter_(2, index, tokens)

@@ -130,9 +130,12 @@ class LMModel(nn.Module):
             total = total + self.emb[k](tokens[:, 1 + k])
         return total + self.text_emb(tokens[:, 0])
 
-    def temporal(self, tokens: torch.Tensor, state: TransformerState | None = None):
-        """tokens [B, 1 + n_q, T] -> hidden [B, T, dim] (after out_norm), text logits [B, 1, T, Vt]."""
-        hidden = self.out_norm(self.transformer(self.embed_frames(tokens), state))
+    def temporal(self, tokens: torch.Tensor, state: TransformerState | None = None,
+                 ready: torch.Tensor | None = None):
+        """tokens [B, 1 + n_q, T] -> hidden [B, T, dim] (after out_norm), text logits [B, 1, T, Vt].
+
+        ``ready`` [B] bool: only those slots advance the state (see StreamingTransformer.forward)."""
+        hidden = self.out_norm(self.transformer(self.embed_frames(tokens), state, ready))
         return hidden, self.text_linear(hidden)[:, None]
 
     def depformer_projection(self, codebook: int, hidden: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,9 @@
 owns one, updates it when a slot starts (``engine.join(slot, request, adapter=NAME)``) and puts it
 in force before its step (``activate``, per thread). Index 0 is the base model.
 
-Row mapping: a linear sees x [R, ...]. R == B: row i is slot i (the generation step, temporal and
-depth transformer and heads alike). R == k * B: slot-major rows (the teacher-forced depth pass
-reshapes [B, T] into B * T rows). ``use_rows(slots)`` overrides this for a step that runs a
+Row mapping: a linear sees x [R, ...]. R <= B: row i is slot i (the generation step, temporal and
+depth transformer and heads alike; R < B: the engine's bucketed step over the first R slots).
+R == k * B: slot-major rows (the teacher-forced depth pass reshapes [B, T] into B * T rows). ``use_rows(slots)`` overrides this for a step that runs a
 subset of the slots (row i is slot ``slots[i]``).
 
 Two products compute the same delta; the choice is made on the host per step, never by syncing:
@@ -102,6 +102,8 @@ class AdapterSelection:
             adapter = self.slot_adapter[self.rows]
         elif rows == self.batch_size:
             adapter = self.slot_adapter
+        elif rows < self.batch_size:  # a step over the first ``rows`` slots (the engine's buckets)
+            adapter = self.slot_adapter[:rows]
         elif rows % self.batch_size == 0:
             adapter = self.slot_adapter.repeat_interleave(rows // self.batch_size)  # slot-major rows
         else:

@@ -53,6 +53,12 @@ class DrawPlan:
     inv_temp: torch.Tensor  # [B, 1] float32
     sample: torch.Tensor  # [B] bool: the slot samples (else argmax)
 
+    def rows(self, count: int) -> "DrawPlan":
+        """The plan of the first ``count`` slots (views; the same plan when it covers them all)."""
+        if count == self.sample.shape[0]:
+            return self
+        return DrawPlan(self.candidates, self.blocked[:count], self.inv_temp[:count], self.sample[:count])
+
 
 @dataclass
 class StreamSampling:
@@ -137,6 +143,17 @@ class SlotSampling:
             self.text_seed[slot] = int(text_seed)
         if audio_seed is not None:
             self.audio_seed[slot] = int(audio_seed)
+
+    def move_slot(self, src: int, dst: int) -> None:
+        """Give slot ``dst`` the settings and seeds of slot ``src`` (device tensors and host mirrors)."""
+        for tensor in (self.use_sampling, self.text_seed, self.audio_seed):
+            tensor[dst] = tensor[src]
+        self.host_use_sampling[dst] = self.host_use_sampling[src]
+        for stream in (self.text, self.audio):
+            stream.temp[dst] = stream.temp[src]
+            stream.top_k[dst] = stream.top_k[src]
+            stream.host_top_k[dst] = stream.host_top_k[src]
+            stream.plan = None
 
     def any_sampling(self) -> bool:
         """Whether any slot samples (host-side: when False, every token is an argmax)."""

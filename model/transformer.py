@@ -12,17 +12,20 @@ the first query of a chunk would lose its oldest key.
 
 Every batch slot has its own clock (``offsets``), so slots can join and leave a batch at
 any time: ``reset(mask)`` zeroes the chosen clocks and empties their cache rows, on the
-device, without a host synchronisation.
+device, without a host synchronisation. ``forward(x, state, ready)`` advances only the slots
+where ``ready`` [B] is True; the others keep every tensor of their state as it was.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .transformer_parts import (  # noqa: F401 - re-exported
+    LayerScale, RMSNorm, apply_rope, make_norm, rope_rotation, sin_embedding)
 
 NORMS = ("layer_norm", "rms_norm", "rms_norm_f32")
 GATINGS = ("none", "silu", "gelu")
@@ -93,67 +96,6 @@ class TransformerConfig:
         return step
 
 
-class LayerScale(nn.Module):
-    """Per-channel learned scale on a residual branch (key ``scale``)."""
-
-    def __init__(self, dim: int, init: float, device=None, dtype=None) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.full((dim,), init, device=device, dtype=dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale
-
-
-class RMSNorm(nn.Module):
-    """RMS normalisation with a learned gain ``alpha`` [1, 1, D]; optionally computed in float32."""
-
-    def __init__(self, dim: int, eps: float, in_float32: bool, device=None, dtype=None) -> None:
-        super().__init__()
-        self.eps = eps
-        self.in_float32 = in_float32
-        self.alpha = nn.Parameter(torch.ones((1, 1, dim), device=device, dtype=dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float() if self.in_float32 else x
-        inv_rms = torch.rsqrt(torch.mean(y * y, dim=-1, keepdim=True) + self.eps)
-        return (y * (self.alpha.to(y.dtype) * inv_rms)).to(x.dtype)
-
-
-def make_norm(kind: str, dim: int, device=None, dtype=None) -> nn.Module:
-    """The normalisation layer named by a Kyutai config (``norm`` key)."""
-    if kind == "layer_norm":
-        return nn.LayerNorm(dim, eps=1e-5, device=device, dtype=dtype)
-    if kind == "rms_norm":
-        return RMSNorm(dim, eps=1e-5, in_float32=False, device=device, dtype=dtype)
-    if kind == "rms_norm_f32":
-        return RMSNorm(dim, eps=1e-8, in_float32=True, device=device, dtype=dtype)
-    raise ValueError(f"unsupported norm {kind!r}")
-
-
-def sin_embedding(positions: torch.Tensor, dim: int, max_period: float, dtype) -> torch.Tensor:
-    """Sinusoidal embedding: positions [B, T] -> [B, T, dim] (cosines, then sines)."""
-    half = dim // 2
-    scale = torch.arange(half, device=positions.device, dtype=torch.float32) / (half - 1)
-    phase = positions.to(torch.float32)[..., None] / (max_period ** scale)  # [B, T, half]
-    return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1).to(dtype)
-
-
-def rope_rotation(positions: torch.Tensor, head_dim: int, max_period: float):
-    """Cosines and sines of the rotary embedding: positions [B, T] -> 2 x [B, 1, T, Dh/2]."""
-    pairs = torch.arange(head_dim // 2, device=positions.device, dtype=torch.float32)
-    inv_freq = torch.exp(pairs * (-math.log(max_period) * 2.0 / head_dim))  # [Dh/2]
-    angle = positions.to(torch.float32)[:, None, :, None] * inv_freq  # [B, 1, T, Dh/2]
-    return torch.cos(angle), torch.sin(angle)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs (x[2i], x[2i+1]) of x [..., B, H, T, Dh]."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [B, H, T, Dh/2, 2]
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
-
-
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
     """Which keys each query may see: q_pos [B, T], k_pos [B, C] (-1 = empty) -> [B, 1, T, C]."""
     delta = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, C]
@@ -203,6 +145,22 @@ class TransformerState:
             keys.masked_fill_(rows, 0.0)
             values.masked_fill_(rows, 0.0)
 
+    def slot_tensors(self) -> list[torch.Tensor]:
+        """Every tensor holding per-slot state (batch first): what moving a slot copies."""
+        return [self.offsets, self.positions, *self.keys, *self.values]
+
+    def prefix(self, rows: int) -> "TransformerState":
+        """A view of the first ``rows`` slots sharing this state's memory (no copy)."""
+        view = object.__new__(TransformerState)
+        view.__dict__.update(self.__dict__)
+        view.batch_size = rows
+        view.offsets = self.offsets[:rows]
+        view.positions = self.positions[:rows]
+        view.keys = [keys[:rows] for keys in self.keys]
+        view.values = [values[:rows] for values in self.values]
+        view.batch_rows = self.batch_rows[:rows]
+        return view
+
     def reset_all(self) -> None:
         """Restart every slot (and the lockstep step counter)."""
         self.offsets.zero_()
@@ -223,6 +181,7 @@ class _StepContext:
     mask: torch.Tensor  # [B, 1, T, C]
     rope: tuple[torch.Tensor, torch.Tensor] | None
     first_step: int  # host-side step index of x[:, 0] (for per-step weights)
+    ready: torch.Tensor | None  # [B] bool: slots whose cache this call writes (None = all)
 
 
 def _per_step_linear(x: torch.Tensor, linears: nn.ModuleList, config: TransformerConfig, first_step: int):
@@ -231,6 +190,15 @@ def _per_step_linear(x: torch.Tensor, linears: nn.ModuleList, config: Transforme
         return linears[0](x)
     outputs = [linears[config.weight_set(first_step + t)](x[:, t:t + 1]) for t in range(x.shape[1])]
     return torch.cat(outputs, dim=1)
+
+
+def _write_ring(ring: torch.Tensor, where, new: torch.Tensor, ready: torch.Tensor | None) -> None:
+    """Store new [B, H, T, Dh] at the ring [B, H, C, Dh] entries ``where``; rows not ready keep theirs."""
+    rows = ring.transpose(1, 2)  # [B, C, H, Dh] view
+    new = new.transpose(1, 2)  # [B, T, H, Dh]
+    if ready is not None:
+        new = torch.where(ready[:, None, None, None], new, rows[where])
+    rows.index_put_(where, new)
 
 
 class StreamingAttention(nn.Module):
@@ -271,8 +239,8 @@ class StreamingAttention(nn.Module):
         # Write through a [B, C, H, Dh] view: index_put_ touches only the new rows (scatter_ on
         # CPU bfloat16 copies the whole ring).
         where = (ctx.batch_rows, ctx.write_index)  # [B, 1], [B, T]
-        keys.transpose(1, 2).index_put_(where, k.transpose(1, 2))
-        values.transpose(1, 2).index_put_(where, v.transpose(1, 2))
+        _write_ring(keys, where, k, ctx.ready)
+        _write_ring(values, where, v, ctx.ready)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask)  # [B, H, T, Dh]
         out = out.transpose(1, 2).reshape(batch, steps, self.config.d_model)
         return _per_step_linear(out, self.out_projs, self.config, ctx.first_step)
@@ -357,35 +325,57 @@ class StreamingTransformer(nn.Module):
         return TransformerState(self.config, batch_size, chunk_size, window,
                                 device=device or param.device, dtype=dtype or param.dtype)
 
-    def forward(self, x: torch.Tensor, state: TransformerState | None = None) -> torch.Tensor:
-        """x [B, T, D] -> [B, T, D]; without a state, runs offline from a fresh one."""
+    def forward(self, x: torch.Tensor, state: TransformerState | None = None,
+                ready: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]; without a state, runs offline from a fresh one.
+
+        ``ready`` [B] bool (None = every slot): slots not ready keep their state untouched (clock,
+        positions, cache) and get meaningless output rows; no host synchronisation either way.
+        """
         batch, steps, dim = x.shape
         if state is None:
             state = self.init_state(batch, chunk_size=steps, max_steps=steps, device=x.device, dtype=x.dtype)
-        self._check_input(x, state)
-        ctx = self._step_context(state, steps)
+        self._check_input(x, state, ready)
+        ctx = self._step_context(state, steps, ready)
         if self.config.positional_embedding == "sin":
             x = x + sin_embedding(ctx.positions, dim, self.config.max_period, x.dtype)
         for layer, keys, values in zip(self.layers, state.keys, state.values):
             x = layer(x, ctx, keys, values)
-        state.offsets.add_(steps)
+        state.offsets.add_(steps if ready is None else ready.long() * steps)
         state.steps_since_full_reset += steps
         return x
 
-    def _check_input(self, x: torch.Tensor, state: TransformerState) -> None:
+    def _check_input(self, x: torch.Tensor, state: TransformerState, ready: torch.Tensor | None) -> None:
         batch, steps, dim = x.shape
         if dim != self.config.d_model or batch != state.batch_size:
             raise ValueError(f"expected input [{state.batch_size}, T, {self.config.d_model}], got {tuple(x.shape)}")
         if steps > state.chunk_size:
             raise ValueError(f"chunk of {steps} steps exceeds the state's chunk_size {state.chunk_size}")
+        check_ready(ready, batch)
 
-    def _step_context(self, state: TransformerState, steps: int) -> _StepContext:
+    def _step_context(self, state: TransformerState, steps: int, ready: torch.Tensor | None) -> _StepContext:
         positions = state.offsets[:, None] + state.chunk_arange[:steps]  # [B, T]
         write_index = positions % state.capacity
-        state.positions.scatter_(1, write_index, positions)
+        if ready is None:
+            state.positions.scatter_(1, write_index, positions)
+            seen = state.positions
+        else:
+            # Every row attends as if it stepped (so no row is empty); only ready rows keep it.
+            seen = state.positions.scatter(1, write_index, positions)  # [B, C]
+            torch.where(ready[:, None], seen, state.positions, out=state.positions)
         rope = None
         if self.config.positional_embedding == "rope":
             rope = rope_rotation(positions, self.config.head_dim, self.config.max_period)
         return _StepContext(positions=positions, batch_rows=state.batch_rows, write_index=write_index,
-                            mask=attention_mask(positions, state.positions, state.window),
-                            rope=rope, first_step=state.steps_since_full_reset)
+                            mask=attention_mask(positions, seen, state.window),
+                            rope=rope, first_step=state.steps_since_full_reset, ready=ready)
+
+
+def check_ready(ready: torch.Tensor | None, batch: int) -> None:
+    """A step's ready mask must be None or a bool tensor [batch] (shape checks only: no host sync)."""
+    if ready is None:
+        return
+    if not isinstance(ready, torch.Tensor) or ready.dtype != torch.bool or tuple(ready.shape) != (batch,):
+        shape = tuple(ready.shape) if isinstance(ready, torch.Tensor) else type(ready).__name__
+        dtype = getattr(ready, "dtype", None)
+        raise ValueError(f"ready must be a bool tensor of shape [{batch}], got {dtype} {shape}")

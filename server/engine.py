@@ -1,22 +1,19 @@
 """DuplexEngine: one batched model step (Mimi encode -> LM step -> Mimi decode) for many slots.
 
-The engine owns the streaming states of a fixed batch of ``batch_size`` slots. Each call to
-:meth:`DuplexEngine.step` consumes one 80 ms frame per slot and returns, per slot, the model's
-80 ms frame and text token when the slot has output this step. It is plain synchronous torch
-code (no asyncio, no threads), shared by the server's scheduler and offline inference.
+Each call to :meth:`DuplexEngine.step` consumes one 80 ms frame per *ready* slot and returns, per
+slot, the model's 80 ms frame and text token when the slot has output this step. Slots that are
+not ready are not stepped at all: every streaming state of theirs stays as it was, so a
+conversation's output never depends on when its frames arrive. Plain synchronous torch code.
 
-Per-slot life cycle:
+Rules, each counted in the slot's own steps (details and reasons: docs/engine.md):
 
-- :meth:`join` marks a slot as new: at the next step its streaming states are reset and its
-  sampling settings applied.
-- At its first step the slot's LM and Mimi states are reset (only that slot's).
-- The first frame rule (as the reference server does): a slot's very first frame is encoded and
-  then only that slot's *encoder* is reset, so that the second frame is encoded as a first frame.
-  The LM still steps on the first frame's codes, so its clock advances; the codes have no effect
-  (at LM offset 0 every stream reads its initial token) and that step's output is invalid.
-- While the LM's acoustic delay has not elapsed (the first ``max_delay`` steps, the first frame's
-  included), a slot has no output; its Mimi decoder is kept fresh so that decoding starts exactly
-  with the first valid tokens. N input frames thus give N - max_delay output frames (N - 1 for Moshi).
+- :meth:`join` marks a slot as new: at its next step its states are reset and its settings applied.
+- First frame rule (as the reference server): a slot's first frame steps the LM (whose output is
+  invalid and whose codes have no effect) but not the Mimi encoder, so its second frame is encoded
+  as a first frame. The decoder advances only on steps with output: the first ``max_delay`` steps
+  have none, so N input frames give N - max_delay output frames (N - 1 for Moshi).
+- A step computes only the first ``rows`` slots (views of the state tensors, no copies): the
+  smallest bucket that covers the highest occupied or ready slot.
 """
 
 from __future__ import annotations
@@ -24,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -33,6 +31,8 @@ logger = logging.getLogger(__name__)
 FRAME_SIZE = 1920  # samples per 80 ms frame at 24 kHz
 SAMPLE_RATE = 24000
 FRAME_RATE = 12.5
+SAMPLING_FIELDS = ("use_sampling", "temp", "temp_text", "top_k", "top_k_text")
+SEED_FIELDS = ("seed", "text_seed", "audio_seed")
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class SlotSampling:
 
 @dataclass
 class StepTimings:
-    """Seconds spent in each stage of one batched step."""
+    """Seconds spent in each stage of one batched step (a CUDA-graph step reports all of it as lm)."""
 
     encode: float = 0.0
     lm: float = 0.0
@@ -67,10 +67,28 @@ class StepTimings:
 class StepOutput:
     """What one batched step produced (CPU numpy arrays, indexed by slot)."""
 
-    pcm: np.ndarray  # [B, FRAME_SIZE] float32 model audio (meaningful where has_output)
+    pcm: np.ndarray  # [B, FRAME_SIZE] float32 model audio (zeros where not has_output)
     tokens: np.ndarray  # [B, 1 + dep_q] int64: text token then the model's audio codes (-1: no output)
     has_output: np.ndarray  # [B] bool
     timings: StepTimings = field(default_factory=StepTimings)
+    rows: int = 0  # slots computed by the step (its bucket); 0 when nothing was ready
+
+
+class SlotEngine(Protocol):
+    """What a scheduler needs of an engine (DuplexEngine, or a test's fake); semantics in docs/engine.md."""
+
+    batch_size: int
+    frame_size: int
+
+    def join(self, slot: int, request) -> None: ...
+
+    def leave(self, slot: int) -> None: ...
+
+    def move_slot(self, src: int, dst: int) -> None: ...
+
+    def step(self, pcm: np.ndarray, ready: np.ndarray | None = None) -> StepOutput: ...
+
+    def reset_all(self) -> None: ...
 
 
 class _StageClock:
@@ -95,11 +113,21 @@ class _StageClock:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
+def bucket_sizes(batch_size: int, buckets=None) -> tuple[int, ...]:
+    """Sorted step sizes: the given ones (default powers of two) capped at, and always including, batch_size."""
+    if buckets is None:
+        buckets = [1 << i for i in range(batch_size.bit_length())]
+    sizes = sorted({int(b) for b in buckets} | {batch_size})
+    if sizes[0] < 1 or sizes[-1] > batch_size:
+        raise ValueError(f"buckets must lie in 1..{batch_size} (the batch size), got {list(buckets)}")
+    return tuple(sizes)
+
+
 class DuplexEngine:
     """Batched streaming Mimi + LMGen for ``batch_size`` independent conversation slots."""
 
     def __init__(self, mimi, lm, batch_size: int, lm_gen_kwargs: dict | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, buckets=None, cuda_graphs: bool = False) -> None:
         from duplex.model.generate import LMGen
 
         if batch_size < 1:
@@ -110,36 +138,51 @@ class DuplexEngine:
         self.device = torch.device(device) if device is not None else _module_device(lm)
         self.defaults = dict(lm_gen_kwargs or {})
         self.lm_gen = LMGen(lm, **self.defaults)
-        self.frame_size = FRAME_SIZE
+        self.frame_size = int(mimi.frame_size)
         self.num_codebooks = lm.config.dep_q
+        self.buckets = bucket_sizes(batch_size, buckets)
         with torch.inference_mode():
             self.mimi_state = mimi.init_state(batch_size)
             self.lm_state = self.lm_gen.init_state(batch_size)
-        self._pcm_in = torch.zeros(batch_size, 1, FRAME_SIZE, device=self.device)  # [B, 1, 1920]
+        self._views = {batch_size: (self.mimi_state, self.lm_state)}  # rows -> prefix views of the states
+        self._pcm_in = torch.zeros(batch_size, 1, self.frame_size, device=self.device)  # [B, 1, 1920]
+        self._masks = torch.zeros(3, batch_size, dtype=torch.bool, device=self.device)  # encode, lm, decode
+        self._occupied = np.zeros(batch_size, dtype=bool)  # [B] joined and not left
         self._first_frame = np.zeros(batch_size, dtype=bool)  # [B] joined, first frame not yet stepped
-        # [B] LM steps since each slot's LM restart: a host mirror of the LM clocks, so that knowing
-        # which slots have output (clock >= max_delay) needs no device sync.
+        # [B] LM steps since each slot's restart: a host mirror of the LM clocks, so that knowing which
+        # slots have output (clock >= max_delay) needs no device sync.
         self._lm_steps = np.zeros(batch_size, dtype=np.int64)
         self._max_delay = lm.config.max_delay
-        self._sampling: dict[int, SlotSampling] = {}
+        self._settings: dict[int, dict] = {}  # slot -> resolved sampling settings, applied at its first step
         # LoRA adapters attached to the LM (duplex.model.lora_multi), chosen per slot; None: none.
+        # This engine's slot -> adapter choice is put in force before each of its steps.
         self.adapters = getattr(lm, "adapter_set", None)
-        self._adapter: dict[int, int] = {}  # slot -> adapter index for its next start (0 = base)
-        # This engine's slot -> adapter choice, put in force before each of its steps.
         self._adapter_selection = self.adapters.new_selection(batch_size) if self.adapters is not None else None
+        self._adapter: dict[int, int] = {}  # slot -> adapter index for its next start (0 = base)
+        if cuda_graphs and self.adapters is not None:
+            logger.warning("CUDA graphs are not supported with per-conversation LoRA adapters: running eagerly")
+            cuda_graphs = False
+        self._graphs = None
+        if cuda_graphs:
+            from .engine_graphs import CudaGraphSteps
+
+            self._graphs = CudaGraphSteps(self)
 
     # ------------------------------------------------------------------ slots
-    def join(self, slot: int, sampling: SlotSampling | None = None, adapter: str | None = None) -> None:
-        """Start a new conversation in ``slot``: its next frame is its first (see the module doc).
+    def join(self, slot: int, request=None, adapter: str | None = None) -> None:
+        """Start a new conversation in ``slot``: its next step is its first (see the module doc).
 
-        ``adapter``: the LoRA adapter's name (None: ``sampling.adapter`` when the request has one,
-        else the base model); an unknown name raises ValueError naming it.
+        ``request``: any object with SlotSampling's attribute names (missing or None = the engine's
+        default; a None seed = the slot's index); other attributes are ignored. ``adapter``: the
+        LoRA adapter's name (None: ``request.adapter`` when it has one, else the base model); an
+        unknown name raises ValueError naming it.
         """
         self._check_slot(slot)
-        adapter = adapter if adapter is not None else getattr(sampling, "adapter", None)
-        index = self._adapter_index(adapter)
+        settings = self._resolve(slot, request)
+        index = self._adapter_index(adapter if adapter is not None else getattr(request, "adapter", None))
+        self._occupied[slot] = True
         self._first_frame[slot] = True
-        self._sampling[slot] = sampling or SlotSampling()
+        self._settings[slot] = settings
         self._adapter[slot] = index
 
     def _adapter_index(self, name: str | None) -> int:
@@ -151,15 +194,46 @@ class DuplexEngine:
             raise UnknownAdapterError(f"unknown adapter {name!r} (this server has none)")
         return self.adapters.index_of(name)
 
+    def leave(self, slot: int) -> None:
+        """The slot's conversation is over: it is no longer stepped nor counted in the step's rows."""
+        self._check_slot(slot)
+        self._occupied[slot] = False
+        self._first_frame[slot] = False
+        self._settings.pop(slot, None)
+        self._adapter.pop(slot, None)
+
+    def move_slot(self, src: int, dst: int) -> None:
+        """Move the conversation of ``src`` to ``dst`` (whole state and host mirrors); ``src`` is left free."""
+        self._check_slot(src)
+        self._check_slot(dst)
+        if src == dst:
+            return
+        with torch.inference_mode():
+            for tensor in self.mimi_state.slot_tensors():
+                tensor[dst] = tensor[src]
+            self.lm_state.move_slot(src, dst)
+        for mirror in (self._occupied, self._first_frame, self._lm_steps):
+            mirror[dst] = mirror[src]
+        self._settings.pop(dst, None)
+        if src in self._settings:
+            self._settings[dst] = self._settings[src]
+        self._adapter.pop(dst, None)
+        if src in self._adapter:  # not started yet: its adapter applies at its first step
+            self._adapter[dst] = self._adapter[src]
+        if self._adapter_selection is not None:  # started: its adapter moves with it
+            self._adapter_selection.set_slot(dst, int(self._adapter_selection.host[src]))
+        self.leave(src)
+
     def reset_all(self) -> None:
         """Restart every slot's streaming state (after a failed step); slots must be joined again."""
         everyone = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)  # [B]
         with torch.inference_mode():
             self.mimi_state.reset(everyone)
             self.lm_state.reset(everyone)
+        self._occupied[:] = False
         self._first_frame[:] = False
         self._lm_steps[:] = 0
-        self._sampling.clear()
+        self._settings.clear()
         self._adapter.clear()
         if self._adapter_selection is not None:
             self._adapter_selection.clear()
@@ -168,60 +242,108 @@ class DuplexEngine:
         if not 0 <= slot < self.batch_size:
             raise ValueError(f"slot {slot} out of range [0, {self.batch_size})")
 
-    def _apply_sampling(self, slots: list[int]) -> None:
-        """Give each new occupant its settings; a None field takes the engine's default (never the
-        previous occupant's value), and a None seed the slot's index."""
-        for slot in slots:
-            s = self._sampling.get(slot, SlotSampling())
-            settings = {name: value if value is not None else default
-                        for name, default in self.lm_gen.sampling_defaults.items()
-                        for value in [getattr(s, name)]}
-            seed = s.seed if s.seed is not None else slot
-            self.lm_state.set_slot_sampling(slot, **settings, seed=seed, text_seed=s.text_seed,
-                                            audio_seed=s.audio_seed)
-            if self._adapter_selection is not None:  # never the previous occupant's adapter
-                self._adapter_selection.set_slot(slot, self._adapter.pop(slot, 0))
+    def _resolve(self, slot: int, request) -> dict:
+        """The slot's full settings: a None field takes the engine's default (never the previous
+        occupant's value), a None seed the slot's index. Validated now, not at the step."""
+        from duplex.model.sampling import SlotSampling as DeviceSampling
+
+        settings = {name: value if value is not None else default
+                    for name, default in self.lm_gen.sampling_defaults.items()
+                    for value in [getattr(request, name, None)]}
+        seeds = {name: getattr(request, name, None) for name in SEED_FIELDS}
+        if seeds["seed"] is None:
+            seeds["seed"] = slot
+        DeviceSampling.create(1, "cpu", **self.lm_gen.sampling_defaults).set_slot(0, **settings, **seeds)
+        return {**settings, **seeds}
 
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
-    def step(self, pcm: np.ndarray | torch.Tensor) -> StepOutput:
-        """Advance every slot by one frame. ``pcm``: [B, 1920] (or [B, 1, 1920]) float32 at 24 kHz."""
-        self._load_input(pcm)
+    def step(self, pcm: np.ndarray | torch.Tensor, ready: np.ndarray | None = None) -> StepOutput:
+        """Advance the ready slots by one frame. ``pcm``: [B, 1920] (or [B, 1, 1920]) float32 at 24 kHz
+        (rows of slots not ready are ignored); ``ready``: [B] bool, None = every slot."""
+        ready = self._ready_mask(ready)
         if self.adapters is not None:
             self.adapters.activate(self._adapter_selection)
-        first = self._first_frame.copy()  # [B] bool
-        self._first_frame[:] = False
+        rows = self.rows_for(ready)
+        if rows:
+            self._load_input(pcm, rows, ready)  # validates before any state changes
+        first = self._first_frame & ready  # [B] slots stepping their first frame
+        self._first_frame &= ~ready
         self._lm_steps[first] = 0  # their LM clocks restart at this step
-        has_output = self._lm_steps >= self._max_delay  # [B], before this step's clock tick
-        self._lm_steps += 1
-        first_mask = self._start_new_slots(first)
-        clock = _StageClock(self.device)
-        clock.mark()
-        codes = self.mimi.encode_step(self._pcm_in, self.mimi_state)  # [B, K, 1]
-        codes = codes[:, : self.lm_user_codebooks]  # [B, 8, 1]
-        clock.mark()
-        if first_mask is not None:
-            # First frame rule: the next frame is encoded as a first frame. The LM steps anyway
-            # (offset 0 reads only initial tokens, so these codes have no effect; output invalid).
-            self.mimi_state.reset_encoder(first_mask)
-        tokens, _ = self.lm_gen.step(codes, self.lm_state)  # [B, 9, 1]; -1 while not valid
-        clock.mark()
-        audio = self.mimi.decode_step(tokens[:, 1:].clamp_min(0), self.mimi_state)  # [B, 1, 1920]
-        if not has_output.all():
-            # Slots without output must not advance their decoder: it starts at the first valid frame.
-            self.mimi_state.reset_decoder(torch.from_numpy(~has_output).to(self.device))
-        clock.mark()
-        return self._output(audio, tokens, has_output, clock)
+        has_output = ready & (self._lm_steps >= self._max_delay)  # [B], before this step's clock tick
+        self._lm_steps += ready
+        if rows == 0:
+            return self._empty_output(has_output)
+        if first.any():
+            self._start_new_slots(first)
+        masks = np.stack([ready & ~first, ready, has_output])[:, :rows]  # [3, rows] encode, lm, decode
+        if self._graphs is not None:
+            audio, tokens, timings = self._graphs.run(rows, masks)
+        else:
+            audio, tokens, timings = self._eager_step(rows, masks)
+        return self._output(audio, tokens, has_output, rows, timings)
 
-    def _start_new_slots(self, first: np.ndarray) -> torch.Tensor | None:
-        """Reset the LM and Mimi states and apply the sampling of slots stepping their first frame."""
-        if not first.any():
-            return None
+    def rows_for(self, ready: np.ndarray) -> int:
+        """The bucket a step computes: the smallest covering every occupied or ready slot (0: none, or
+        no slot ready)."""
+        busy = np.flatnonzero(ready | self._occupied)
+        if busy.size == 0 or not ready.any():
+            return 0
+        needed = int(busy[-1]) + 1
+        return next(size for size in self.buckets if size >= needed)
+
+    def _ready_mask(self, ready) -> np.ndarray:
+        if ready is None:
+            return np.ones(self.batch_size, dtype=bool)
+        ready = np.asarray(ready)
+        if ready.dtype != bool or ready.shape != (self.batch_size,):
+            raise ValueError(f"ready must be a bool array of shape [{self.batch_size}], "
+                             f"got {ready.dtype} {list(ready.shape)}")
+        return ready.copy()
+
+    def _eager_step(self, rows: int, masks: np.ndarray):
+        """Run the device step eagerly; a stage whose rows are all ready runs unmasked (same values)."""
+        stage_masks = [None, None, None]
+        if not masks.all():
+            device_masks = torch.from_numpy(masks).to(self.device, non_blocking=True)  # [3, rows]
+            stage_masks = [None if masks[k].all() else device_masks[k] for k in range(3)]
+        clock = _StageClock(self.device)
+        audio, tokens = self._device_step(rows, *stage_masks, clock=clock)
+        encode, lm, decode = clock.durations()
+        return audio, tokens, StepTimings(encode=encode, lm=lm, decode=decode)
+
+    def _device_step(self, rows: int, encode_ready, lm_ready, decode_ready, clock: _StageClock | None = None):
+        """The whole model step on the first ``rows`` slots, device work only: no host sync, static
+        shapes (what a CUDA graph captures). Masks: [rows] bool tensors or None (= all)."""
+        mimi_state, lm_state = self._view(rows)
+        mark = clock.mark if clock is not None else (lambda: None)
+        mark()
+        codes = self.mimi.encode_step(self._pcm_in[:rows], mimi_state, validate=False, ready=encode_ready)
+        codes = codes[:, : self.lm_user_codebooks]  # [rows, 8, 1]
+        mark()
+        tokens, _ = self.lm_gen.step(codes, lm_state, ready=lm_ready, validate=False)  # [rows, 9, 1]
+        mark()
+        audio = self.mimi.decode_step(tokens[:, 1:].clamp_min(0), mimi_state, validate=False,
+                                      ready=decode_ready)  # [rows, 1, 1920]
+        mark()
+        return audio, tokens
+
+    def _view(self, rows: int):
+        """(MimiState, LMGenState) views of the first ``rows`` slots, made once per bucket."""
+        if rows not in self._views:
+            self._views[rows] = (self.mimi_state.prefix(rows), self.lm_state.prefix(rows))
+        return self._views[rows]
+
+    def _start_new_slots(self, first: np.ndarray) -> None:
+        """Reset the LM and Mimi states and apply the settings of slots stepping their first frame."""
         first_mask = torch.from_numpy(first).to(self.device)  # [B] bool
         self.mimi_state.reset(first_mask)
         self.lm_state.reset(first_mask)
-        self._apply_sampling(np.flatnonzero(first).tolist())
-        return first_mask
+        for slot in np.flatnonzero(first).tolist():
+            settings = self._settings.get(slot) or self._resolve(slot, None)
+            self.lm_state.set_slot_sampling(slot, **settings)
+            if self._adapter_selection is not None:  # never the previous occupant's adapter
+                self._adapter_selection.set_slot(slot, self._adapter.pop(slot, 0))
 
     @property
     def lm_user_codebooks(self) -> int:
@@ -229,21 +351,36 @@ class DuplexEngine:
         config = self.lm.config
         return config.n_q - config.dep_q
 
-    def _load_input(self, pcm: np.ndarray | torch.Tensor) -> None:
+    def _load_input(self, pcm: np.ndarray | torch.Tensor, rows: int, ready: np.ndarray) -> None:
+        """Copy the ready slots' frames to the device (the others' rows are zeroed, never read)."""
         frames = torch.as_tensor(pcm, dtype=torch.float32)
-        if frames.numel() != self.batch_size * FRAME_SIZE:
-            raise ValueError(f"step expects [{self.batch_size}, {FRAME_SIZE}] samples (one 80 ms frame per slot), "
-                             f"got shape {list(frames.shape)}")
-        frames = frames.reshape(self.batch_size, 1, FRAME_SIZE)  # [B, 1, 1920]
-        self._pcm_in.copy_(frames, non_blocking=True)
+        if frames.numel() != self.batch_size * self.frame_size:
+            raise ValueError(f"step expects [{self.batch_size}, {self.frame_size}] samples (one 80 ms frame "
+                             f"per slot), got shape {list(frames.shape)}")
+        frames = frames.reshape(self.batch_size, 1, self.frame_size)[:rows]  # [rows, 1, 1920]
+        if not ready[:rows].all():
+            frames = torch.where(torch.from_numpy(ready[:rows, None, None]).to(frames.device), frames, 0.0)
+        if frames.device.type == "cpu":
+            finite = torch.isfinite(frames).flatten(1).all(dim=1)  # [rows]
+            if not bool(finite.all()):
+                bad = np.flatnonzero(~finite.numpy()).tolist()
+                raise ValueError(f"audio contains NaN or infinite samples (batch slots {bad})")
+        self._pcm_in[:rows].copy_(frames, non_blocking=True)
 
-    def _output(self, audio: torch.Tensor, tokens: torch.Tensor, has_output: np.ndarray,
-                clock: _StageClock) -> StepOutput:
-        pcm = audio[:, 0].float().cpu().numpy()  # [B, 1920]; the host sync of the step
-        tokens_np = tokens[:, :, 0].cpu().numpy()  # [B, 9]
-        encode, lm, decode = clock.durations()
-        return StepOutput(pcm=pcm, tokens=tokens_np, has_output=has_output,
-                          timings=StepTimings(encode=encode, lm=lm, decode=decode))
+    def _empty_output(self, has_output: np.ndarray) -> StepOutput:
+        return StepOutput(pcm=np.zeros((self.batch_size, self.frame_size), dtype=np.float32),
+                          tokens=np.full((self.batch_size, 1 + self.num_codebooks), -1, dtype=np.int64),
+                          has_output=has_output, rows=0)
+
+    def _output(self, audio: torch.Tensor, tokens: torch.Tensor, has_output: np.ndarray, rows: int,
+                timings: StepTimings) -> StepOutput:
+        out = self._empty_output(has_output)
+        out.pcm[:rows] = audio[:, 0].float().cpu().numpy()  # [rows, 1920]; the host sync of the step
+        out.tokens[:rows] = tokens[:, :, 0].cpu().numpy()  # [rows, 9]
+        out.pcm[~has_output] = 0.0
+        out.tokens[~has_output] = -1
+        out.rows, out.timings = rows, timings
+        return out
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
