@@ -165,3 +165,30 @@ def test_two_engines_on_one_lm_keep_their_own_slots(models, fixtures_dir):
     np.testing.assert_array_equal(np.stack(got_one), expected_adapter)
     for slot in range(2):
         np.testing.assert_array_equal(np.stack(got_two)[:, slot], expected_base)
+
+
+def test_a_moved_conversation_keeps_its_adapter(models, fixtures_dir):
+    """The engine moves a conversation to a lower slot (its neighbour left): its adapter moves with it."""
+    first = fixtures_dir / "lm_tiny_lora" / "lora.safetensors"
+    audio = user_audio(30, 10)
+    expected = solo(models, first, audio)
+    load_adapter_set(models.lm, [f"tiny={first}"])
+    try:
+        engine = DuplexEngine(models.mimi, models.lm, batch_size=4)
+        engine.join(0, GREEDY)
+        engine.join(1, GREEDY)
+        engine.join(2, GREEDY, adapter="tiny")
+        got, slot = [], 2
+        for t in range(audio.size // FRAME_SIZE):
+            if t == 5:
+                engine.leave(1)
+                engine.move_slot(2, 1)
+                slot = 1
+            frames = np.zeros((4, FRAME_SIZE), dtype=np.float32)
+            frames[slot] = audio[t * FRAME_SIZE:(t + 1) * FRAME_SIZE]
+            out = engine.step(frames, np.array([True, True, slot == 2, False]))
+            if out.has_output[slot]:
+                got.append(out.tokens[slot].copy())
+    finally:
+        detach_adapters(models.lm)
+    np.testing.assert_array_equal(np.stack(got), expected)
