@@ -48,7 +48,12 @@ RUN pip install --no-cache-dir --no-deps .
 
 USER 10001:10001
 VOLUME ["/data/hf"]
-EXPOSE 8998
+# 8998: the page, the API and /api/chat; 9100: /metrics when started with --metrics-port 9100 (deploy/k8s).
+EXPOSE 8998 9100
+# SIGTERM starts the graceful drain (--drain-seconds, default 30): no new calls, /readyz 503, active calls
+# go on, then "server restarting"; give the container at least that long to stop (docker stop -t,
+# terminationGracePeriodSeconds). /healthz stays 200 while draining: it is the liveness check.
+STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8998/healthz', timeout=4)"]
 ENTRYPOINT ["duplex", "serve", "--host", "0.0.0.0", "--port", "8998"]

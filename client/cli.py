@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
-from duplex.client.audio import SAMPLE_RATE, AudioFileError, read_audio, write_wav
+from duplex.client.audio import FRAME_SIZE, SAMPLE_RATE, AudioFileError, read_audio, write_wav
 from duplex.client.flags import add_temperature_topk_arguments
 
 DEFAULT_URL = "ws://localhost:8998/api/chat"
@@ -56,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "adapter=NAME; see /api/info for the server's adapters; default: the base model)")
     parser.add_argument("--insecure", action="store_true",
                         help="wss:// only: accept a self-signed server certificate (e.g. from `duplex serve --ssl`)")
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help="API key of a server started with --api-key (sent as 'Authorization: Bearer'; "
+                        "default: $DUPLEX_API_KEY)")
     parser.add_argument("--connect-timeout", type=float, default=None,
                         help="give up when the session has not started after this many seconds "
                         "(default: wait, also while queued)")
@@ -98,8 +102,9 @@ async def _talk(args: argparse.Namespace, pcm) -> int:
 
     if pcm is None:
         check_devices(_device(args.input_device), _device(args.output_device))
+    api_key = getattr(args, "api_key", None) or os.environ.get("DUPLEX_API_KEY") or None
     client = await DuplexClient.connect(args.url, query_params(args), on_metadata=_show_queue,
-                                        timeout=args.connect_timeout, ssl=_ssl_context(args))
+                                        timeout=args.connect_timeout, ssl=_ssl_context(args), api_key=api_key)
     on_text = _print_piece if not args.quiet else (lambda piece: None)
     try:
         if pcm is None:
@@ -131,7 +136,27 @@ async def _talk_file(client, pcm, args: argparse.Namespace, on_text) -> str | No
         args.transcript.write_text(conversation.transcript + "\n", encoding="utf-8")
     print(f"\nsent {conversation.frames_sent} frames ({pcm.size / SAMPLE_RATE:.2f} s), "
           f"received {received.size / SAMPLE_RATE:.2f} s of audio", file=sys.stderr)
-    return conversation.error
+    return conversation.error or unanswered(conversation.frames_sent, received.size, total_frames(pcm))
+
+
+# The model answers every frame after its acoustic delay (one frame); a little more is tolerated (the
+# Opus writer may keep the last frames of a call in an unfinished page).
+ANSWER_SLACK_FRAMES = 3
+
+
+def total_frames(pcm) -> int:
+    return -(-pcm.size // FRAME_SIZE)
+
+
+def unanswered(frames_sent: int, samples_received: int, frames_total: int) -> str | None:
+    """Why the call ended before all audio was answered, or None when it was."""
+    if frames_sent < frames_total:
+        return f"the call ended after {frames_sent} of {frames_total} frames were sent"
+    answered = samples_received // FRAME_SIZE
+    if answered < frames_sent - 1 - ANSWER_SLACK_FRAMES:
+        return (f"the call ended before all audio was answered: {answered} of {frames_sent - 1} frames "
+                "came back")
+    return None
 
 
 def _print_piece(piece: str) -> None:

@@ -82,21 +82,31 @@ class DuplexClient:
         self._opus_out = sphn.OpusStreamWriter(SAMPLE_RATE)
         self._opus_in = sphn.OpusStreamReader(SAMPLE_RATE)
         self._pending = np.zeros(0, dtype=np.float32)
+        self._closing = False  # close() was called: the end is ours
+        self._error_seen = False  # the server sent a kind-5 error: the end is explained
+        # Set when the server closed (or the link broke) without a kind-5 error before close() was called;
+        # the event stream then ends with an ErrorEvent carrying this text.
+        self.ended_unexpectedly: str | None = None
         self._reader = asyncio.ensure_future(self._read_loop())
 
     @classmethod
     async def connect(cls, url: str, params: Mapping[str, object] | None = None,
                       on_metadata: Callable[[dict], None] | None = None,
-                      timeout: float | None = None, ssl=None) -> "DuplexClient":
+                      timeout: float | None = None, ssl=None, api_key: str | None = None) -> "DuplexClient":
         """Open a session; waits (also while queued) for the handshake, at most ``timeout`` seconds.
 
         ``ssl``: an ``ssl.SSLContext`` for a wss:// URL (None: the system's default verification).
+        ``api_key``: sent as ``Authorization: Bearer KEY`` (servers started with ``--api-key``).
         """
         if ssl is not None and not url.lower().startswith("wss://"):
             raise ValueError(f"an ssl context was given but {url!r} is not a wss:// URL")
-        options = {"ssl": ssl} if ssl is not None else {}  # websockets refuses ssl=None for wss://
+        options: dict = {"ssl": ssl} if ssl is not None else {}  # websockets refuses ssl=None for wss://
+        if api_key:
+            options["additional_headers"] = {"Authorization": f"Bearer {api_key}"}
         try:
             ws = await websockets.connect(chat_url(url, params), max_size=None, **options)
+        except websockets.InvalidStatus as exc:  # refused before the upgrade: 401, 403, 429, ...
+            raise ServerError(f"cannot connect to {url}: {_refusal_text(exc)}") from exc
         except (OSError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
             raise ServerError(f"cannot connect to {url}: {exc}") from exc
         try:
@@ -110,7 +120,8 @@ class DuplexClient:
     async def send_pcm(self, pcm: np.ndarray) -> int:
         """Encode float32 mono 24 kHz audio to Ogg/Opus and send it; returns frames sent.
 
-        Audio is sent in whole 80 ms frames; a remainder is kept for the next call.
+        Audio is sent in whole 80 ms frames; a remainder is kept for the next call. Raises ServerError
+        (saying why) once the connection is closed.
         """
         pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
         pcm = np.concatenate([self._pending, pcm]) if self._pending.size else pcm
@@ -118,7 +129,10 @@ class DuplexClient:
         for i in range(frames):
             ogg = self._opus_out.append_pcm(pcm[i * FRAME_SIZE:(i + 1) * FRAME_SIZE])
             if ogg:
-                await self.ws.send(protocol.encode_audio(ogg))
+                try:
+                    await self.ws.send(protocol.encode_audio(ogg))
+                except websockets.ConnectionClosed as exc:
+                    raise ServerError(self.ended_unexpectedly or self._close_description()) from exc
         self._pending = pcm[frames * FRAME_SIZE:].copy()
         return frames
 
@@ -156,8 +170,26 @@ class DuplexClient:
             pass
         except Exception:  # noqa: BLE001 - a broken stream ends the event iterator
             logger.exception("duplex client: receiving failed")
+            self._end_unexpectedly("the stream from the server broke")
         finally:
+            if not self._closing and not self._error_seen:
+                self._end_unexpectedly(self._close_description())
             self._events.put_nowait(None)
+
+    def _close_description(self) -> str:
+        """Why the connection ended, from the close frames (or their absence)."""
+        received = self.ws.protocol.close_rcvd
+        if received is None:
+            return "the connection to the server was lost (no close frame)"
+        reason = f" ({received.reason})" if received.reason else ""
+        return f"the server closed the connection before the call ended: code {received.code}{reason}"
+
+    def _end_unexpectedly(self, description: str) -> None:
+        """The server ended the call without a kind-5 error (or the link broke): say so, loudly."""
+        if self.ended_unexpectedly is None:
+            self.ended_unexpectedly = description
+            logger.warning("duplex client: %s", description)
+            self._events.put_nowait(ErrorEvent(description))
 
     def _to_event(self, message: bytes | str) -> Event | None:
         if isinstance(message, str) or not message:
@@ -174,11 +206,13 @@ class DuplexClient:
                 self.session_metadata = data
             return MetadataEvent(data)
         if parsed.kind is MessageKind.ERROR:
+            self._error_seen = True
             return ErrorEvent(parsed.payload.decode("utf-8", errors="replace"))
         return None
 
     async def close(self) -> None:
         """Close the connection (the server frees the session)."""
+        self._closing = True
         await self.ws.close()
         await asyncio.gather(self._reader, return_exceptions=True)
 
@@ -187,6 +221,15 @@ class DuplexClient:
 
     async def __aexit__(self, *exc_info) -> None:
         await self.close()
+
+
+def _refusal_text(exc) -> str:
+    """``HTTP 401: an API key is required ...``: the status and the server's one-line reason."""
+    response = getattr(exc, "response", None)
+    if response is None:
+        return str(exc)
+    body = bytes(response.body or b"").decode("utf-8", errors="replace").strip().splitlines()
+    return f"HTTP {response.status_code}" + (f": {body[0][:300]}" if body else "")
 
 
 async def _await_handshake(ws: ClientConnection, on_metadata) -> tuple[tuple[int, int], list[Event]]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from duplex.client.audio import FRAME_SIZE, SAMPLE_RATE, frames
-from duplex.client.client import AudioEvent, DuplexClient, ErrorEvent, MetadataEvent, TextEvent
+from duplex.client.client import AudioEvent, DuplexClient, ErrorEvent, MetadataEvent, ServerError, TextEvent
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,11 @@ async def _send_frames(client: DuplexClient, pcm: np.ndarray, fast: bool, conver
             delay = start + index * FRAME_SECONDS - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-        await client.send_pcm(frame)
+        try:
+            await client.send_pcm(frame)
+        except ServerError as exc:  # the server closed: the receiver reports why (or this does)
+            conversation.error = conversation.error or str(exc)
+            return
         conversation.frames_sent += 1
         if fast:
             await asyncio.sleep(0)  # let the receiver run between frames

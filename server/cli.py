@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +16,32 @@ logger = logging.getLogger(__name__)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def bounded(kind: type, low: float, high: float, name: str = "value"):
+    """An argparse type: a finite ``kind`` in [low, high] (nan, inf and out-of-range values are refused)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range [{low:g}, {high:g}]")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def default_threads() -> int:
+    """Intra-op threads of the model worker: all cores but one (left to the event loop), at least 1."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+DAY = 86400.0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The serve flags plus the model-source flags of :mod:`duplex.bundle_args`."""
     from duplex.bundle_args import add_model_arguments
@@ -22,32 +50,84 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="localhost", help="interface to listen on (default: localhost; "
                      "0.0.0.0 for every interface)")
-    net.add_argument("--port", type=int, default=8998, help="TCP port (default: 8998; 0 = any free port, "
-                     "logged at start)")
+    net.add_argument("--port", type=bounded(int, 0, 65535), default=8998, help="TCP port (default: 8998; "
+                     "0 = any free port, logged at start)")
     net.add_argument("--ssl", metavar="DIR", help="serve https/wss with DIR/cert.pem and DIR/key.pem")
+    net.add_argument("--metrics-port", type=bounded(int, 1, 65535), default=None,
+                     help="serve /metrics on this port instead (no API key needed there; keep it private)")
+    access = parser.add_argument_group("access control")
+    access.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                        help="require this API key (repeatable; also DUPLEX_API_KEYS, comma-separated): "
+                        "clients send 'Authorization: Bearer KEY' or ?api_key=KEY; without a key the "
+                        "websocket, /api/info, /api/capacity and /metrics answer 401")
+    access.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
+                        help="comma-separated browser origins allowed to open a session, e.g. "
+                        "https://app.example.com ('*' = any; default: the server's own host and localhost); "
+                        "others get 403 before any session")
+    limits = parser.add_argument_group("limits per client address and connection")
+    limits.add_argument("--max-client-connections", type=bounded(int, 0, 1_000_000),
+                        default=defaults.max_client_connections,
+                        help="open /api/chat connections (sessions and queued) per client address; beyond: 429 "
+                        f"(default: {defaults.max_client_connections}; 0 = no limit)")
+    limits.add_argument("--client-connections-per-minute", type=bounded(float, 0, 1e9),
+                        default=defaults.client_connections_per_minute,
+                        help="new /api/chat connections per client address and minute, beyond: 429 "
+                        f"(default: {defaults.client_connections_per_minute:g}; 0 = no limit)")
+    limits.add_argument("--handshake-seconds", type=bounded(float, 0.1, 3600), default=defaults.handshake_seconds,
+                        help="time allowed for a request head, a websocket upgrade, or one fragmented message "
+                        f"(default: {defaults.handshake_seconds:g})")
+    limits.add_argument("--first-audio-seconds", type=bounded(float, 0, DAY), default=defaults.first_audio_seconds,
+                        help="a session whose client sends no audio this long after the handshake ends with an "
+                        f"error, freeing its slot (default: {defaults.first_audio_seconds:g}; 0 = no deadline)")
     serving = parser.add_argument_group("sessions")
-    serving.add_argument("--max-sessions", type=int, default=defaults.max_sessions,
+    serving.add_argument("--max-sessions", type=bounded(int, 1, 4096), default=defaults.max_sessions,
                          help="conversations served at once = batch size of the model step "
                          f"(default: {defaults.max_sessions})")
-    serving.add_argument("--max-queue", type=int, default=defaults.max_queue,
+    serving.add_argument("--max-queue", type=bounded(int, 0, 100_000), default=defaults.max_queue,
                          help="clients that may wait for a free slot; beyond, a new client gets a "
                          f"'busy' error (default: {defaults.max_queue}; 0 = no queue)")
-    serving.add_argument("--max-session-seconds", type=float, default=0.0,
+    serving.add_argument("--max-session-seconds", type=bounded(float, 0, 30 * DAY), default=0.0,
                          help="end each conversation after this many seconds, announced to the client "
                          "(default: 0 = no limit)")
-    serving.add_argument("--grace-ms", type=float, default=defaults.grace_ms,
+    serving.add_argument("--grace-ms", type=bounded(float, 0, 1000), default=defaults.grace_ms,
                          help="how long a tick waits for a session whose frame is late before stepping "
                          f"it with silence (default: {defaults.grace_ms:g})")
-    serving.add_argument("--threads", type=int, default=None,
-                         help="torch intra-op threads of the model worker (default: torch's choice)")
+    serving.add_argument("--drain-seconds", type=bounded(float, 0, DAY), default=defaults.shutdown_drain_seconds,
+                         help="on SIGTERM/SIGINT: stop admitting and let active calls go on this long, then end "
+                         "them with 'server restarting' and exit 0; a second signal ends at once "
+                         f"(default: {defaults.shutdown_drain_seconds:g}; 0 = end at once)")
+    serving.add_argument("--threads", type=bounded(int, 1, 1024), default=None,
+                         help="torch intra-op threads of the model worker (default: the number of cores minus "
+                         f"one, leaving one to the event loop: {default_threads()} here)")
+    serving.add_argument("--instance-name", default=None,
+                         help="name reported to clients in the session metadata (default: the host name)")
     serving.add_argument("--web-dir", type=Path, default=None,
                          help="folder of the web UI served at / (default: the package's client/web)")
+    serving.add_argument("--demo", action="store_true",
+                         help="serve tiny random models built in memory instead of real ones (no files, no "
+                         "download; the model speaks noise): try the page and the API anywhere")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="logging level (default: info)")
     add_model_arguments(parser)
 
 
-def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+def api_keys_from(args: argparse.Namespace, environ=os.environ) -> tuple[str, ...]:
+    """--api-key values plus DUPLEX_API_KEYS (comma-separated); ValueError for an empty key."""
+    keys = list(getattr(args, "api_key", None) or [])
+    keys += [k.strip() for k in environ.get("DUPLEX_API_KEYS", "").split(",") if k.strip()]
+    for key in keys:
+        if not key.strip():
+            raise ValueError("--api-key must not be empty")
+        if len(key) < 8:
+            raise ValueError("an API key must have at least 8 characters")
+    return tuple(keys)
+
+
+def settings_from_args(args: argparse.Namespace, environ=os.environ) -> ServerSettings:
     """Validate the flags into ServerSettings (ValueError with the bad flag)."""
+    for flag in ("max_sessions", "max_queue", "max_session_seconds", "grace_ms", "port"):
+        value = getattr(args, flag)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a finite number, got {value}")
     if args.max_sessions < 1:
         raise ValueError(f"--max-sessions must be >= 1, got {args.max_sessions}")
     if args.max_queue < 0:
@@ -58,9 +138,21 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         raise ValueError(f"--grace-ms must be >= 0, got {args.grace_ms}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535 (0 = any free port), got {args.port}")
-    return ServerSettings(max_sessions=args.max_sessions, max_queue=args.max_queue,
-                          max_session_seconds=args.max_session_seconds, grace_ms=args.grace_ms,
-                          torch_threads=args.threads)
+    origins = tuple(o.strip() for o in (getattr(args, "allowed_origins", None) or "").split(",") if o.strip())
+    extra = {"instance_name": args.instance_name} if getattr(args, "instance_name", None) else {}
+    defaults = ServerSettings()
+    return ServerSettings(
+        max_sessions=args.max_sessions, max_queue=args.max_queue, max_session_seconds=args.max_session_seconds,
+        grace_ms=args.grace_ms, torch_threads=getattr(args, "threads", None) or default_threads(),
+        api_keys=api_keys_from(args, environ), allowed_origins=origins,
+        max_client_connections=getattr(args, "max_client_connections", defaults.max_client_connections),
+        client_connections_per_minute=getattr(args, "client_connections_per_minute",
+                                              defaults.client_connections_per_minute),
+        handshake_seconds=getattr(args, "handshake_seconds", defaults.handshake_seconds),
+        first_audio_seconds=getattr(args, "first_audio_seconds", defaults.first_audio_seconds),
+        shutdown_drain_seconds=getattr(args, "drain_seconds", defaults.shutdown_drain_seconds),
+        metrics_port=getattr(args, "metrics_port", None), demo=bool(getattr(args, "demo", False)), **extra,
+    )
 
 
 def ssl_files(directory: str | None) -> tuple[str | None, str | None]:
@@ -79,6 +171,7 @@ def main(args: argparse.Namespace) -> int:
 
     from duplex.server.app import GracefulServer, create_app
     from duplex.bundle_args import ModelSourceError, load_models
+    from duplex.server.demo import build_demo_models
 
     logging.getLogger().setLevel(args.log_level.upper())
     try:
@@ -88,7 +181,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"duplex serve: {exc}", file=sys.stderr)
         return 2
     try:
-        models = load_models(args)
+        models = build_demo_models() if settings.demo else load_models(args)
     except ModelSourceError as exc:
         print(f"duplex serve: {exc}", file=sys.stderr)
         return 1

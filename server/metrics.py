@@ -58,6 +58,18 @@ class ServerMetrics:
                                       registry=r)
         self.rejected = Counter("duplex_rejected", "Connections refused before a session started", ["reason"],
                                 registry=r)
+        self.refused = Counter(
+            "duplex_refused_requests", "Requests refused before any session (HTTP status): rate_limited, "
+            "forbidden_origin, unauthorized, too_many_connections; bad_audio / no_audio = a session closed "
+            "for an invalid Ogg stream / for sending no audio after its handshake", ["reason"], registry=r,
+        )
+        self.transport_closed = Counter(
+            "duplex_transport_closed", "Connections closed by a transport bound: handshake_timeout, "
+            "bad_request_head, message_too_big, fragment_timeout, ping_flood; pong_dropped counts pongs not "
+            "queued to a client that does not read", ["reason"], registry=r,
+        )
+        self.draining = Gauge("duplex_draining", "1 while the server drains (stops admitting, then exits)",
+                              registry=r)
         self.frame_latency = Histogram(
             "duplex_frame_latency_seconds", "User frame complete at the server (decoded) -> the websocket send "
             "of the model audio of the step that consumed it completed", buckets=_FRAME_LATENCY_BUCKETS, registry=r,

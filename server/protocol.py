@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
@@ -29,8 +30,9 @@ from typing import Any, Collection, Mapping
 
 PROTOCOL_VERSION = 0
 MODEL_VERSION = 0
-# A 80 ms Opus page is a few hundred bytes; anything near this size is not a sane audio message.
-MAX_MESSAGE_BYTES = 1 << 20
+# A 80 ms Opus page is a few hundred bytes; anything near this size is not a sane audio message. The one
+# message-size limit of the server: the transport (uvicorn's ws_max_size) and the session use it.
+MAX_MESSAGE_BYTES = 1 << 18
 
 _HANDSHAKE = struct.Struct("<II")
 
@@ -163,26 +165,42 @@ class SessionParams:
         return {k: v for k, v in asdict(self).items() if v is not None and k not in ("unsupported", "ignored")}
 
 
-def parse_query_params(query: Mapping[str, str], adapters: Collection[str] | None = None) -> SessionParams:
+def parse_query_params(query, adapters: Collection[str] | None = None) -> SessionParams:
     """Validate the websocket URL's query parameters; ValueError names the bad parameter.
 
+    ``query``: a mapping, a sequence of (name, value) pairs, or starlette's ``QueryParams`` (whose
+    repeated keys are seen). A parameter given twice is refused (which value was meant is unknowable).
+    Numbers must be plain ASCII decimals: ``-?digits`` for integers, ``-?digits[.digits]`` for floats (no
+    spaces, signs other than ``-``, ``_``, exponents, ``nan``/``inf`` or non-ASCII digits).
     Unknown parameters (other clients send e.g. ``worker_auth_id``) are not an error: they are
     returned in ``ignored`` and reported back in the session metadata. ``adapters``: the names
     ``adapter=NAME`` may take (None: not checked here).
     """
+    pairs = _query_pairs(query)
+    names = [name for name, _ in pairs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"query parameter(s) given more than once: {', '.join(repeated)}")
     values: dict[str, Any] = {}
     unsupported: dict[str, float] = {}
     ignored = []
-    for name, text in query.items():
+    for name, text in pairs:
         if name == "adapter":
             values["adapter"] = _check_adapter(text, adapters)
         elif name in _NUMERIC_PARAMS:
             values[name] = _parse_number(name, text, *_NUMERIC_PARAMS[name])
         elif name in _UNSUPPORTED_PARAMS:
             unsupported[name] = _parse_number(name, text, *_UNSUPPORTED_PARAMS[name])
-        else:
+        elif name not in _ACCESS_PARAMS:
             ignored.append(name)
     return SessionParams(**values, unsupported=unsupported, ignored=tuple(sorted(ignored)))
+
+
+# Read by the server's guard (the API key), never reported back.
+_ACCESS_PARAMS = ("api_key",)
+_INTEGER = re.compile(r"-?[0-9]+", re.ASCII)
+_DECIMAL = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
+_MAX_NUMBER_CHARS = 40
 
 
 def _check_adapter(name: str, adapters: Collection[str] | None) -> str:
@@ -193,14 +211,24 @@ def _check_adapter(name: str, adapters: Collection[str] | None) -> str:
     return name
 
 
+def _query_pairs(query) -> list[tuple[str, str]]:
+    if hasattr(query, "multi_items"):
+        return list(query.multi_items())
+    if isinstance(query, Mapping):
+        return list(query.items())
+    return [(str(name), str(value)) for name, value in query]
+
+
 def _parse_number(name: str, text: str, kind: type, low: float, high: float) -> Any:
-    """Parse one numeric parameter and check its range."""
-    try:
-        value = kind(text) if kind is float else int(text, 10)
-    except (TypeError, ValueError):
-        raise ValueError(f"query parameter {name}={text!r} is not a valid {kind.__name__}") from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"query parameter {name}={text!r} must be a finite number")
+    """Parse one numeric parameter strictly and check its range."""
+    pattern = _INTEGER if kind is int else _DECIMAL
+    if not isinstance(text, str) or len(text) > _MAX_NUMBER_CHARS or not pattern.fullmatch(text):
+        shown = str(text)[:_MAX_NUMBER_CHARS]
+        if shown.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            raise ValueError(f"query parameter {name}={shown!r} must be a finite number")
+        rule = "plain ASCII digits" if kind is int else "plain ASCII digits with an optional '.'"
+        raise ValueError(f"query parameter {name}={shown!r} is not a valid {kind.__name__} ({rule})")
+    value = int(text, 10) if kind is int else float(text)
     if not low <= value <= high:
         raise ValueError(f"query parameter {name}={value} is out of range [{low}, {high}]")
     return value

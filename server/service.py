@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
 import secrets
-from dataclasses import asdict, dataclass
+import socket
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from duplex.server.admission import Admission
 from duplex.server.engine import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, DuplexEngine, SlotSampling
 from duplex.server.metrics import ServerMetrics
-from duplex.server.protocol import MODEL_VERSION, PROTOCOL_VERSION, SessionParams
+from duplex.server.protocol import MAX_MESSAGE_BYTES, MODEL_VERSION, PROTOCOL_VERSION, SessionParams
 from duplex.server.scheduler import Scheduler, failure_message
 
 logger = logging.getLogger(__name__)
@@ -28,9 +31,34 @@ class ServerSettings:
     inbox_frames: int = 8  # decoded user frames buffered per session (backpressure beyond)
     outbox_frames: int = 50  # unsent model frames before a client is dropped as too slow (4 s)
     drain_seconds: float = 2.0  # how long a finishing session may flush its output
-    max_message_bytes: int = 1 << 18  # larger websocket messages are refused with a kind-5 error
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # larger websocket messages are refused with a kind-5 error
     send_tokens: bool = False  # debug/test hook: also send each frame's token ids as kind-4 metadata
     torch_threads: int | None = None  # intra-op threads of the model worker (None = torch's default)
+    # Access and limits outside the session (see duplex.server.guard and duplex.server.transport).
+    api_keys: tuple[str, ...] = ()  # non-empty: every websocket and API request needs one of them
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed; () = the server's own host + localhost
+    max_client_connections: int = 32  # open /api/chat connections per client address (0 = no limit)
+    client_connections_per_minute: float = 600.0  # new /api/chat connections per client address (0 = no limit)
+    handshake_seconds: float = 10.0  # connection -> complete request head / upgrade / finished message
+    first_audio_seconds: float = 30.0  # handshake -> the client's first audio message (0 = no deadline)
+    shutdown_drain_seconds: float = 30.0  # on SIGTERM: how long active calls may go on (then "server restarting")
+    instance_name: str = field(default_factory=socket.gethostname)  # reported to Kyutai's web client
+    metrics_port: int | None = None  # serve /metrics on this port (no key needed) instead of the main one
+    demo: bool = False  # random tiny models built in memory: the page says the model speaks noise
+
+    def __post_init__(self) -> None:
+        """Refuse nonsense (nan, inf, negative sizes) with a ValueError naming the setting."""
+        for name in ("max_session_seconds", "grace_ms", "drain_seconds", "handshake_seconds", "first_audio_seconds",
+                     "shutdown_drain_seconds", "client_connections_per_minute"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        for name, low in (("max_sessions", 1), ("max_queue", 0), ("inbox_frames", 1), ("outbox_frames", 1),
+                          ("max_message_bytes", 1), ("max_client_connections", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.handshake_seconds <= 0:
+            raise ValueError(f"handshake_seconds must be > 0, got {self.handshake_seconds}")
 
 
 class DuplexService:
@@ -49,7 +77,10 @@ class DuplexService:
         self.sessions: set = set()
         self.sample_rate = SAMPLE_RATE
         self.frame_size = FRAME_SIZE
-        self.shutting_down = False
+        self.shutting_down = False  # no new session starts (draining or stopping)
+        self.draining = False  # SIGTERM: active calls go on for a while, nobody new is admitted
+        self.stopping = False  # the final stop: every session is being ended
+        self.metrics.max_sessions.set(settings.max_sessions)
 
     def start(self) -> None:
         """Start the model worker (call on the event loop that serves the sessions)."""
@@ -65,27 +96,71 @@ class DuplexService:
         self.scheduler.start()
 
     def refusal(self) -> str | None:
-        """Why no session can start now (shutting down, broken model), or None."""
+        """Why no session can start now (draining, shutting down, broken model), or None."""
+        if self.draining and not self.stopping:
+            return "server draining"
         if self.shutting_down:
             return "server shutting down"
         if self.scheduler.error is not None:
             return failure_message(self.scheduler.error)
         return None
 
+    def begin_drain(self) -> None:
+        """Stop admitting (queued clients are told to reconnect elsewhere); active calls go on."""
+        if self.shutting_down:
+            return
+        self.draining = self.shutting_down = True
+        self.metrics.draining.set(1)
+        logger.info("draining: %d active sessions continue, %d queued are sent elsewhere", len(self.sessions),
+                    self.admission.queue_length)
+        self.admission.close("server draining: reconnect to another server")
+
     async def shutdown(self, drain_timeout: float = 10.0) -> None:
-        """Stop admitting, tell every connected client (kind 5), let sessions drain, stop the worker."""
-        if not self.shutting_down:
-            self.shutting_down = True
+        """Stop admitting, tell every connected client (kind 5), let sessions drain, stop the worker.
+
+        After a drain the clients still connected hear "server restarting", else "server shutting down".
+        """
+        if not self.stopping:
+            message = "server restarting" if self.draining else "server shutting down"
+            self.stopping = self.shutting_down = True
             logger.info("shutting down: %d active sessions, %d queued", len(self.sessions),
                         self.admission.queue_length)
-            self.admission.close()
+            self.admission.close(message)
             for session in list(self.sessions):
-                session.finish("shutdown", "server shutting down")
+                session.finish("shutdown", message)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain_timeout
         while (self.sessions or self.admission.active) and loop.time() < deadline:
             await asyncio.sleep(0.05)
         await asyncio.to_thread(self.scheduler.stop)
+
+    # ------------------------------------------------------------------ capacity (load balancers)
+    def capacity(self) -> dict[str, Any]:
+        """GET /api/capacity: slots, active, queued, free, lag, and whether a new session starts now."""
+        admission = self.admission
+        report: dict[str, Any] = {
+            "slots": self.settings.max_sessions,
+            "active": admission.active,
+            "queued": admission.queue_length,
+            "max_queue": self.settings.max_queue,
+            "free": max(0, self.settings.max_sessions - admission.active),
+            "lag_ms": scheduler_lag_ms(self.scheduler),
+            "draining": self.draining,
+            "failed": self.scheduler.error is not None,
+        }
+        summary = getattr(self.scheduler, "capacity", None)  # the scheduler's own summary, where it has one
+        if callable(summary):
+            report.update({k: v for k, v in summary().items() if k not in ("draining", "failed")})
+        report["ready"] = self.ready(report)
+        return report
+
+    def ready(self, report: dict[str, Any] | None = None) -> bool:
+        """Would a new session start now (a free slot, nobody waiting, not draining or failed)?"""
+        if self.refusal() is not None:
+            return False
+        report = report or {"free": self.settings.max_sessions - self.admission.active,
+                            "queued": self.admission.queue_length}
+        return report["free"] > 0 and report["queued"] == 0
 
     # ------------------------------------------------------------------ per-session helpers
     def text_piece(self, token_id: int) -> str | None:
@@ -111,6 +186,27 @@ class DuplexService:
             "params": params.given(),
             "unsupported_params": sorted(params.unsupported),
             "ignored_params": list(params.ignored),
+            **self.kyutai_fields(resolved),
+        }
+
+    def kyutai_fields(self, resolved: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The fields Kyutai's web client requires in every kind-4 object (its server-info schema).
+
+        Values are the session's resolved sampling (or the server defaults); a greedy stream reports
+        temperature 0. duplex has no padding multiplier or repetition penalty: their neutral values.
+        """
+        resolved = resolved or {}
+        return {
+            "text_temperature": float(resolved.get("temp_text", self.defaults.get("temp_text", 0.7))),
+            "text_topk": int(resolved.get("top_k_text", self.defaults.get("top_k_text", 25))),
+            "audio_temperature": float(resolved.get("temp", self.defaults.get("temp", 0.8))),
+            "audio_topk": int(resolved.get("top_k", self.defaults.get("top_k", 250))),
+            "pad_mult": 0.0,
+            "repetition_penalty_context": 0,
+            "repetition_penalty": 1.0,
+            "lm_model_file": str(self.models.model_name),
+            "instance_name": self.settings.instance_name,
+            "build_info": build_info(),
         }
 
     @property
@@ -141,6 +237,8 @@ class DuplexService:
             "query_params": ["text_temperature", "text_topk", "audio_temperature", "audio_topk",
                              "text_seed", "audio_seed"],
             "unsupported_query_params": ["pad_mult", "repetition_penalty", "repetition_penalty_context"],
+            "auth_required": bool(self.settings.api_keys),
+            "demo": self.settings.demo,
         }
 
 
@@ -186,6 +284,35 @@ def resolve_sampling(params: SessionParams, defaults: dict[str, Any]) -> tuple[S
     resolved = {name: value for name, value in asdict(sampling).items() if name not in ("seed", "adapter")}
     resolved.update(text_sampling=text_on, audio_sampling=audio_on)
     return sampling, resolved
+
+
+def scheduler_lag_ms(scheduler) -> float | None:
+    """How far the model loop runs behind real time, in ms: the scheduler's ``lag_seconds()`` hook when it
+    has one (None until then)."""
+    lag = getattr(scheduler, "lag_seconds", None)
+    if not callable(lag):
+        return None
+    value = lag()
+    return None if value is None else round(1000.0 * float(value), 1)
+
+
+@functools.lru_cache(maxsize=1)
+def build_info() -> dict[str, str]:
+    """Strings describing this build (Kyutai's client shows them; its Rust-specific keys get duplex's values)."""
+    import platform
+
+    try:
+        from importlib.metadata import version
+
+        duplex_version = version("duplex")
+    except Exception:  # noqa: BLE001 - running from a checkout without metadata
+        duplex_version = "unknown"
+    python = platform.python_version()
+    return {
+        "build_timestamp": "", "build_date": "", "git_branch": "", "git_timestamp": "", "git_date": "",
+        "git_hash": "", "git_describe": f"duplex {duplex_version}",
+        "rustc_host_triple": "", "rustc_version": f"python {python}", "cargo_target_triple": platform.machine(),
+    }
 
 
 def _pick(value, default):

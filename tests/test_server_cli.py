@@ -28,15 +28,51 @@ def test_serve_defaults_and_settings():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--max-sessions", "0"], "--max-sessions must be >= 1"),
-        (["--max-queue", "-1"], "--max-queue must be >= 0"),
-        (["--max-session-seconds", "-5"], "--max-session-seconds must be >= 0"),
-        (["--port", "70000"], "--port must be in 0..65535"),
+        (["--max-sessions", "0"], "argument --max-sessions: 0 is out of range"),
+        (["--max-queue", "-1"], "argument --max-queue: -1 is out of range"),
+        (["--max-session-seconds", "-5"], "argument --max-session-seconds: -5.0 is out of range"),
+        (["--max-session-seconds", "nan"], "argument --max-session-seconds: 'nan' is not a finite number"),
+        (["--max-session-seconds", "inf"], "argument --max-session-seconds: 'inf' is not a finite number"),
+        (["--grace-ms=-inf"], "argument --grace-ms: '-inf' is not a finite number"),
+        (["--drain-seconds", "NaN"], "argument --drain-seconds: 'NaN' is not a finite number"),
+        (["--handshake-seconds", "0"], "argument --handshake-seconds: 0.0 is out of range"),
+        (["--port", "70000"], "argument --port: 70000 is out of range"),
+        (["--threads", "0"], "argument --threads: 0 is out of range"),
+        (["--max-sessions", "two"], "argument --max-sessions: 'two' is not a valid int"),
     ],
 )
-def test_bad_serve_flags(argv, message):
-    with pytest.raises(ValueError, match=message):
-        cli.settings_from_args(parse(argv))
+def test_bad_serve_flags_are_refused_with_the_flag_named(argv, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_settings_refuse_non_finite_values():
+    from duplex.server.service import ServerSettings
+
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="max_session_seconds must be a finite number"):
+            ServerSettings(max_session_seconds=bad)
+
+
+def test_default_threads_leave_a_core_to_the_event_loop(monkeypatch):
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    assert cli.default_threads() == 1
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 16)
+    assert cli.default_threads() == 15
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: None)
+    assert cli.default_threads() == 1
+    assert cli.settings_from_args(parse([])).torch_threads == cli.default_threads()
+
+
+def test_api_keys_from_flags_and_environment():
+    args = parse(["--api-key", "first-key-123", "--api-key", "second-key-45"])
+    assert cli.api_keys_from(args, {"DUPLEX_API_KEYS": "env-key-6789, other-key-000"}) == (
+        "first-key-123", "second-key-45", "env-key-6789", "other-key-000")
+    with pytest.raises(ValueError, match="at least 8 characters"):
+        cli.api_keys_from(parse(["--api-key", "short"]), {})
 
 
 def test_ssl_dir_must_hold_cert_and_key(tmp_path):

@@ -15,14 +15,14 @@ from server_harness import synth_audio
 from duplex.client.client import DuplexClient, ErrorEvent
 
 
-def start_server(fixtures_dir, tokenizer) -> tuple[subprocess.Popen, int, list[str]]:
+def start_server(fixtures_dir, tokenizer, *extra: str) -> tuple[subprocess.Popen, int, list[str]]:
     """`duplex serve` with the tiny models on any free port; returns the process, its port, its log lines."""
     argv = [sys.executable, "-m", "duplex.cli", "serve", "--host", "127.0.0.1", "--port", "0",
             "--moshi-weight", str(fixtures_dir / "lm_tiny/model.safetensors"),
             "--config", str(fixtures_dir / "lm_tiny/config.json"),
             "--mimi-weight", str(fixtures_dir / "mimi_tiny/model.safetensors"),
             "--mimi-config", str(fixtures_dir / "mimi_tiny/config.json"),
-            "--tokenizer", str(tokenizer), "--device", "cpu", "--threads", "1", "--max-sessions", "1"]
+            "--tokenizer", str(tokenizer), "--device", "cpu", "--threads", "1", "--max-sessions", "1", *extra]
     process = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     lines: list[str] = []
     port: list[int] = []
@@ -46,7 +46,8 @@ def start_server(fixtures_dir, tokenizer) -> tuple[subprocess.Popen, int, list[s
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_during_a_session_tells_the_client_and_exits_0(fixtures_dir, tiny_tokenizer_path, sig):
-    process, port, lines = start_server(fixtures_dir, tiny_tokenizer_path)
+    """With --drain-seconds 0 the first signal ends the calls at once (the drain has its own tests)."""
+    process, port, lines = start_server(fixtures_dir, tiny_tokenizer_path, "--drain-seconds", "0")
     try:
         async def main():
             client = await DuplexClient.connect(f"ws://127.0.0.1:{port}/api/chat", timeout=20)

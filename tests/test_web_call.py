@@ -47,10 +47,12 @@ def browser(tmp_path_factory):
         yield instance
 
 
-def open_page(browser, base, errors):
-    # ignore_https_errors: the https test's certificate is self-signed
+def open_page(browser, base, errors, bypass_csp=True):
+    # ignore_https_errors: the https test's certificate is self-signed. bypass_csp: Playwright's
+    # wait_for_function evaluates strings, which the page's CSP (no 'unsafe-eval') forbids; the CSP tests
+    # below run the page under its real policy with selector-based waits only.
     context = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True,
-                                  ignore_https_errors=True)
+                                  ignore_https_errors=True, bypass_csp=bypass_csp)
     page = context.new_page()
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.goto(base)
@@ -227,3 +229,54 @@ def test_https_with_ssl_gives_a_secure_context_and_a_wss_call(browser, fixtures_
         wait_for_stats(page, "s.state === 'ended'", timeout_ms=10_000)
         page.context.close()
         assert not errors, f"page errors: {errors}"
+
+
+def csp_console(page) -> list[str]:
+    messages: list[str] = []
+    page.on("console", lambda message: messages.append(message.text)
+            if "Content Security Policy" in message.text else None)
+    return messages
+
+
+def call_and_hang_up(page) -> None:
+    page.click("#call-button")
+    page.wait_for_selector('#status-dot[data-state="live"]', timeout=LIVE_TIMEOUT_MS)
+    page.wait_for_timeout(1500)
+    page.click("#call-button")
+    page.wait_for_selector('#call-button[data-state="idle"]', timeout=HANDOVER_TIMEOUT_MS)
+
+
+def test_the_page_makes_a_call_under_its_content_security_policy(server, browser):
+    errors: list[str] = []
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    violations = csp_console(page)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    response = page.goto(server)
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    page.wait_for_selector("body[data-ready=true]")
+    call_and_hang_up(page)
+    context.close()
+    assert violations == [] and errors == []
+
+
+def test_the_page_asks_for_the_api_key_and_calls_with_it(fixtures_dir, tiny_tokenizer_path, browser, tmp_path):
+    key = "browser-key-0123456789"
+    args = tiny_serve_args(fixtures_dir, tiny_tokenizer_path) + ["--max-sessions", "1", "--api-key", key]
+    with duplex_serve(args, tmp_path / "serve.log") as base:
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
+        page = context.new_page()
+        violations = csp_console(page)
+        page.goto(base)
+        page.wait_for_selector("#key-form:not([hidden])")
+        assert "needs an API key" in page.inner_text("#model-info")
+        page.fill("#key-input", "wrong-key-000000000")
+        page.click("#key-form button[type=submit]")
+        page.wait_for_selector("#key-error:has-text('refused')")
+        page.fill("#key-input", key)
+        page.click("#key-form button[type=submit]")
+        page.wait_for_selector("#key-form", state="hidden")
+        page.wait_for_selector("#model-info:has-text('tiny')")
+        call_and_hang_up(page)
+        context.close()
+    assert violations == []

@@ -19,6 +19,7 @@ const page = {
   meters: null,
   transcript: null,
   timer: null,
+  apiKey: "",
 };
 
 function loadStoredSettings() {
@@ -56,11 +57,63 @@ function describeInfo(info) {
   return `${name}${rate}${device}`;
 }
 
-async function loadServerInfo() {
+// An API key (servers started with --api-key) lives for this browser tab only: sessionStorage, never
+// localStorage or a cookie. It goes to the API as a Bearer header and to the websocket as ?api_key=.
+const KEY_STORAGE = "duplex-api-key";
+
+function storedKey() {
   try {
-    const response = await fetch("api/info", { cache: "no-store" });
+    return sessionStorage.getItem(KEY_STORAGE) || "";
+  } catch {
+    return page.apiKey || "";
+  }
+}
+
+function storeKey(key) {
+  page.apiKey = key;
+  try {
+    if (key) sessionStorage.setItem(KEY_STORAGE, key);
+    else sessionStorage.removeItem(KEY_STORAGE);
+  } catch {
+    // storage disabled: the key stays in memory for this page
+  }
+}
+
+function askForKey(wrong) {
+  const form = $("key-form");
+  form.hidden = false;
+  $("key-error").textContent = wrong ? "That key was refused; try again." : "";
+  $("key-input").focus();
+}
+
+function setUpKeyForm() {
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const key = $("key-input").value.trim();
+    if (!key) return;
+    storeKey(key);
+    $("key-input").value = "";
+    $("key-form").hidden = true;
+    loadServerInfo(true);
+  });
+}
+
+async function loadServerInfo(afterKey = false) {
+  try {
+    const key = storedKey();
+    const headers = key ? { Authorization: `Bearer ${key}` } : {};
+    const response = await fetch("api/info", { cache: "no-store", headers });
+    if (response.status === 401) {
+      storeKey("");
+      $("model-info").textContent = "This server needs an API key";
+      askForKey(afterKey || Boolean(key));
+      return;
+    }
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const info = await response.json();
+    if (info.demo) {
+      $("demo-notice").hidden = false;
+    }
     page.serverDefaults = defaultsFromInfo(info);
     page.serverAdapters = Array.isArray(info.adapters) ? info.adapters.map(String) : [];
     if (info.defaults && info.defaults.use_sampling === false) {
@@ -162,6 +215,8 @@ function startCall() {
   setMessage("");
   clearStats();
   $("timer").textContent = "00:00";
+  const key = storedKey();
+  if (key) query.set("api_key", key);
   const call = new Call(chatUrl(window.location, query));
   page.call = call;
   window.duplexCall = call;
@@ -232,6 +287,7 @@ function main() {
   $("download-audio").addEventListener("click", () => page.lastCall && download(page.lastCall.recorder.toWav(), timestampName("wav")));
   $("download-transcript").addEventListener("click", downloadTranscript);
   setupSettings();
+  setUpKeyForm();
   if (!window.isSecureContext) {
     setMessage("This page is not a secure context, so the browser will not open the microphone. Use https (duplex serve --ssl DIR) or localhost.", "warn");
   }

@@ -77,10 +77,16 @@ export function samplingQuery(values) {
     if (number < param.min || number > param.max) {
       throw new RangeError(`${param.label} must be between ${param.min} and ${param.max}`);
     }
-    query.set(param.name, String(number));
+    query.set(param.name, plainDecimal(number));
   }
   if (values.adapter) query.set("adapter", String(values.adapter));  // a LoRA adapter of the server
   return query;
+}
+
+/** A number as the server accepts it: ASCII digits and an optional ".", never an exponent (1e-7). */
+export function plainDecimal(number) {
+  if (Number.isInteger(number)) return BigInt(number).toString();
+  return number.toFixed(12).replace(/0+$/, "").replace(/\.$/, "");
 }
 
 /** The websocket URL of the chat endpoint on the server that served this page. */

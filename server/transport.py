@@ -1,0 +1,331 @@
+"""The HTTP and websocket transport of `duplex serve`: uvicorn's protocols with every pre-session stage bounded.
+
+uvicorn parses HTTP (h11 here) and hands a websocket upgrade to a websockets-sansio protocol. Left as
+they are, a connection that sends nothing, or half a request head, is held forever; a websocket upgrade
+whose request line is too long gets no response; pongs to a ping flood queue without bound when the
+client does not read; a text frame with invalid UTF-8 logs a traceback; a message over the transport's
+size limit is closed with 1009 but no kind-5 error. The subclasses below close those gaps:
+
+* :class:`DuplexHttpProtocol`: a request head must be complete within ``handshake_seconds`` of the
+  connection (or of the previous response), else ``408`` and close; the head is at most
+  :data:`MAX_REQUEST_HEAD_BYTES` (h11 answers ``400`` beyond).
+* :class:`DuplexWebSocketProtocol`: answers a request line / header that websockets refuses (414/431);
+  refuses oversized messages with a kind-5 error before the 1009 close; hands invalid UTF-8 text to the
+  app as text (which the session refuses with its kind-5 error) instead of logging a traceback; limits
+  pings per connection (a token bucket) and never queues a pong while the client does not read; closes a
+  fragmented message left unfinished for ``fragment_seconds``; does not let the keepalive kill a client
+  that keeps sending while its pong waits behind audio the server has not read yet (backpressure, not a
+  dead peer; a peer that sends nothing for a ping period and its timeout is still closed 1011).
+
+:func:`harden_config` installs them, with the matching uvicorn options, on a ``uvicorn.Config``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import PayloadTooBig
+from websockets.frames import Frame, Opcode
+
+from duplex.server import protocol
+
+logger = logging.getLogger(__name__)
+
+MAX_REQUEST_HEAD_BYTES = 16 * 1024  # request line + headers; browsers send a few KiB at most
+KEEPALIVE_PING_SECONDS = 20.0  # the server's websocket keepalive ping interval
+KEEPALIVE_TIMEOUT_SECONDS = 20.0  # a pong must come within this (unless the server is not reading: see above)
+CLOSE_POLICY = 1008  # websocket close code "policy violation"
+
+
+@dataclass(frozen=True)
+class TransportLimits:
+    """Bounds applied before (and beside) a session; see the module docstring."""
+
+    max_message_bytes: int = protocol.MAX_MESSAGE_BYTES
+    handshake_seconds: float = 10.0  # connection -> complete request head (and websocket upgrade)
+    fragment_seconds: float = 10.0  # first fragment -> last fragment of one message
+    pings_per_second: float = 5.0  # sustained client pings allowed per connection
+    ping_burst: int = 20  # pings allowed at once
+
+
+class TransportCounters:
+    """What the transport refused, by reason; wired to a Prometheus counter by :func:`harden_config`."""
+
+    def __init__(self, counter=None) -> None:
+        self.counter = counter
+
+    def inc(self, reason: str) -> None:
+        if self.counter is not None:
+            self.counter.labels(reason).inc()
+
+
+class DuplexHttpProtocol(H11Protocol):
+    """h11 with a deadline on every request head (class attributes set by :func:`harden_config`)."""
+
+    limits = TransportLimits()
+    counters = TransportCounters()
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer = None
+        self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.limits.handshake_seconds, self._head_timeout)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.transport.is_closing():
+            self._disarm_head_timer()
+        elif self.conn.their_state is h11.IDLE:  # part of a head (or nothing yet): the deadline keeps running
+            self._arm_head_timer()
+        else:
+            self._disarm_head_timer()
+
+    def handle_websocket_upgrade(self, event: h11.Request) -> None:
+        self._disarm_head_timer()
+        super().handle_websocket_upgrade(event)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # uvicorn's keep-alive timer closes an idle connection; a head started later must complete in time
+        # (also one already buffered behind the request just answered).
+        self._disarm_head_timer()
+        if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
+            self._arm_head_timer()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # a response is being sent: the head of the next request is not due yet
+        self.counters.inc("handshake_timeout")
+        body = f"request not completed within {self.limits.handshake_seconds:g} s\n".encode()
+        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                             b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        self.transport.close()
+
+
+class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
+    """websockets-sansio with the bounds of :class:`TransportLimits` (class attributes set by harden_config)."""
+
+    limits = TransportLimits()
+    counters = TransportCounters()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ping_tokens = float(self.limits.ping_burst)
+        self._ping_refill = time.monotonic()
+        self._ping_flood = False
+        # websockets queues a pong for every ping while parsing a chunk (before uvicorn sees the events):
+        # rate-limit at that point, frame by frame.
+        self._send_frame = self.conn.send_frame
+        self.conn.send_frame = self._send_frame_limited
+        self._fragment_timer = None
+        self._accept_timer = None
+        self._last_data_at = 0.0  # loop time of the last bytes received (keepalive: see keepalive_timeout)
+
+    # ------------------------------------------------------------------ handshake
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        # The app must accept (or refuse) the upgrade in time: it does at once unless something is stuck.
+        self._accept_timer = self.loop.call_later(self.limits.handshake_seconds, self._accept_timeout)
+
+    def _accept_timeout(self) -> None:
+        self._accept_timer = None
+        if not self.handshake_complete and not self.transport.is_closing():
+            self.counters.inc("handshake_timeout")
+            self.send_500_response()
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_data_at = self.loop.time()
+        super().data_received(data)
+        if not self.handshake_initiated and self.conn.handshake_exc is not None and not self.transport.is_closing():
+            # websockets refused the request head (line too long, too many headers) and queued its 414/431
+            # response; uvicorn writes nothing in that case.
+            self.counters.inc("bad_request_head")
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        for timer in (self._fragment_timer, self._accept_timer):
+            if timer is not None:
+                timer.cancel()
+        self._fragment_timer = self._accept_timer = None
+        super().connection_lost(exc)
+
+    async def send(self, message) -> None:
+        if message["type"] in ("websocket.accept", "websocket.close", "websocket.http.response.start"):
+            if self._accept_timer is not None:
+                self._accept_timer.cancel()
+                self._accept_timer = None
+        await super().send(message)
+
+    # ------------------------------------------------------------------ messages
+    def handle_text(self, event: Frame) -> None:
+        self._track_fragments(event)
+        super().handle_text(event)
+
+    def handle_bytes(self, event: Frame) -> None:
+        self._track_fragments(event)
+        super().handle_bytes(event)
+
+    def handle_cont(self, event: Frame) -> None:
+        if event.fin:
+            self._stop_fragment_timer()
+        super().handle_cont(event)
+
+    def _track_fragments(self, event: Frame) -> None:
+        self._stop_fragment_timer()
+        if not event.fin:
+            self._fragment_timer = self.loop.call_later(self.limits.fragment_seconds, self._fragment_timeout)
+
+    def _stop_fragment_timer(self) -> None:
+        if self._fragment_timer is not None:
+            self._fragment_timer.cancel()
+            self._fragment_timer = None
+
+    def _fragment_timeout(self) -> None:
+        self._fragment_timer = None
+        self._refuse("fragment_timeout", f"message not completed within {self.limits.fragment_seconds:g} s")
+
+    def send_receive_event_to_app(self) -> None:
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                # Not a traceback per connection in the log: the app refuses every text frame with a kind-5
+                # error anyway, so it gets this one too, with the bad bytes replaced.
+                logger.debug("invalid UTF-8 in a text frame from %s", self.client)
+                self.frames = [data.decode("utf-8", errors="replace").encode("utf-8")]
+        super().send_receive_event_to_app()
+
+    def handle_parser_exception(self) -> None:
+        exc = self.conn.parser_exc
+        if isinstance(exc, PayloadTooBig) and self.handshake_complete and not self.close_sent:
+            self.counters.inc("message_too_big")
+            self._write_error(f"message exceeds the limit of {self.limits.max_message_bytes} bytes")
+        super().handle_parser_exception()
+
+    # ------------------------------------------------------------------ pings and keepalive
+    def _send_frame_limited(self, frame: Frame) -> None:
+        """websockets' frame output, with each pong to a client ping taken from a token bucket."""
+        if frame.opcode is Opcode.PONG:
+            now = time.monotonic()
+            rate, burst = self.limits.pings_per_second, self.limits.ping_burst
+            self._ping_tokens = min(float(burst), self._ping_tokens + (now - self._ping_refill) * rate)
+            self._ping_refill = now
+            if self._ping_tokens < 1.0:
+                self._ping_flood = True
+                return
+            self._ping_tokens -= 1.0
+            if not self.writable.is_set():  # the client does not read: no pong piles up behind its unread data
+                self.counters.inc("pong_dropped")
+                return
+        self._send_frame(frame)
+
+    def handle_ping(self) -> None:
+        if self._ping_flood:
+            rate, burst = self.limits.pings_per_second, self.limits.ping_burst
+            self._refuse("ping_flood", f"too many pings: at most {rate:g} per second (burst {burst})")
+            return
+        super().handle_ping()
+
+    def keepalive_timeout(self) -> None:
+        if self._last_data_at > self.ping_sent_at and not self.transport.is_closing() and not self.close_sent:
+            # Bytes arrived since the ping: the peer is alive, its pong is only queued behind data the server
+            # has not read yet (backpressure on a client faster than real time). Wait another period instead
+            # of killing it; the session's own rules (too slow, time limit) still apply.
+            self.pong_timer = self.loop.call_later(self.ping_timeout, self.keepalive_timeout)
+            return
+        super().keepalive_timeout()
+
+    # ------------------------------------------------------------------ refusing
+    def _write_error(self, message: str) -> None:
+        """Write a kind-5 error frame now (ahead of anything websockets queued, e.g. its close frame)."""
+        frame = Frame(Opcode.BINARY, protocol.encode_error(message))
+        self.transport.write(frame.serialize(mask=False, extensions=self.conn.extensions))
+
+    def _refuse(self, reason: str, message: str) -> None:
+        """Close this connection for a transport rule: kind-5 ``message`` (if a session runs), close 1008."""
+        if self.transport.is_closing() or self.close_sent:
+            return
+        self.counters.inc(reason)
+        logger.info("closing websocket from %s: %s", self.client, message)
+        if self.handshake_complete:
+            self._write_error(message)
+            self.conn.send_close(CLOSE_POLICY, reason)
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": CLOSE_POLICY, "reason": reason})
+        self.close_sent = True
+        self.transport.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration and logging
+
+
+def harden_config(config, limits: TransportLimits, counter=None) -> None:
+    """Install the bounded protocols and uvicorn options on ``config`` (before the server starts)."""
+    counters = TransportCounters(counter)
+    http_class = type("BoundedHttpProtocol", (DuplexHttpProtocol,), {"limits": limits, "counters": counters})
+    ws_class = type("BoundedWebSocketProtocol", (DuplexWebSocketProtocol,), {"limits": limits, "counters": counters})
+    config.http = http_class
+    config.ws = ws_class
+    config.ws_max_size = limits.max_message_bytes  # one limit: the transport's is the application's
+    config.ws_max_queue = 1  # uvicorn's sansio protocol pauses reading per message anyway
+    config.ws_ping_interval = KEEPALIVE_PING_SECONDS
+    config.ws_ping_timeout = KEEPALIVE_TIMEOUT_SECONDS
+    config.ws_per_message_deflate = False  # Opus does not compress; deflate costs memory per connection
+    config.h11_max_incomplete_event_size = MAX_REQUEST_HEAD_BYTES
+    config.timeout_keep_alive = 5
+    config.server_header = False  # no "server: uvicorn"
+    for name in ("uvicorn.access", "uvicorn.error"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, RedactQueryFilter) for f in log.filters):
+            log.addFilter(RedactQueryFilter())
+
+
+SECRET_HEADERS = ("authorization", "cookie", "proxy-authorization")
+SECRET_PARAMS = ("api_key", "key", "token", "access_token", "auth", "password")
+_SECRET = re.compile(r"([?&](?:%s)=)[^&\s\"']*" % "|".join(SECRET_PARAMS), re.IGNORECASE)
+
+
+def redact_query(text: str) -> str:
+    """``text`` with the values of secret query parameters (api_key=...) replaced by ``***``."""
+    return _SECRET.sub(r"\1***", text)
+
+
+class RedactQueryFilter(logging.Filter):
+    """Rewrites log records so that no API key in a query string reaches the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            args = [redact_query(a) if isinstance(a, str) else a for a in record.args]
+            for i in range(len(args) - 1):  # websockets' debug log of headers: ("< %s: %s", name, value)
+                if isinstance(args[i], str) and args[i].lower() in SECRET_HEADERS:
+                    args[i + 1] = "***"
+            record.args = tuple(args)
+        elif isinstance(record.msg, str):
+            record.msg = redact_query(record.msg)
+        return True

@@ -1,0 +1,209 @@
+"""Floods against a `duplex serve --demo` subprocess (issue 13, item 3): idle TCP connections and clients
+streaming audio as fast as they can, while a real-time canary call goes on.
+
+Holds: every idle connection is answered and closed by the handshake deadline; the fast senders beyond the
+per-client limits are refused (429) at once; the canary's audio never stops for more than 200 ms; the
+server's resident memory comes back to within 10 % of where it started. The CI variant is scaled to a
+2-core machine; the full probe (500 idle, 200 senders) is marked ``heavy`` (``pytest -m heavy``)."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import socket
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+import sphn
+import websockets
+from test_server_drain import DemoServer, wait_for
+
+from duplex.client.client import AudioEvent, DuplexClient
+from duplex.server import protocol
+
+pytestmark = pytest.mark.timeout(300)
+QUEUE = "4"  # queued fast senders: their audio is read (and dropped) while they wait
+
+
+def encoded_stream(frames: int) -> list[bytes]:
+    """Kind-1 messages of one Ogg/Opus stream of ``frames`` 80 ms frames of speech-like noise."""
+    writer = sphn.OpusStreamWriter(24000)
+    rng = np.random.default_rng(5)
+    pages = [writer.append_pcm((0.1 * rng.standard_normal(1920)).astype(np.float32)) for _ in range(frames)]
+    return [protocol.encode_audio(p) for p in pages if p]
+
+
+async def fast_sender(url: str, stream: list[bytes], until: float, outcome: dict) -> None:
+    try:
+        async with websockets.connect(url, max_size=None, open_timeout=10) as ws:
+            outcome["accepted"] = outcome.get("accepted", 0) + 1
+            for message in stream:
+                if time.monotonic() > until:
+                    break
+                await ws.send(message)
+    except websockets.InvalidStatus as exc:
+        key = f"http_{exc.response.status_code}"
+        outcome[key] = outcome.get(key, 0) + 1
+    except (OSError, websockets.ConnectionClosed, asyncio.TimeoutError):
+        outcome["closed"] = outcome.get("closed", 0) + 1
+
+
+def _senders_main(url: str, senders: int, seconds: float, results) -> None:
+    """The fast senders, in their own process: they must not share a GIL with the canary's timing."""
+    stream = encoded_stream(400)
+    outcome: dict = {}
+
+    async def main() -> None:
+        until = time.monotonic() + seconds
+        await asyncio.gather(*(fast_sender(url, stream, until, outcome) for _ in range(senders)))
+
+    asyncio.run(main())
+    results.put(outcome)
+
+
+def run_senders_elsewhere(url: str, senders: int, seconds: float) -> dict:
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=_senders_main, args=(url, senders, seconds, results), daemon=True)
+    process.start()
+    try:
+        return results.get(timeout=seconds + 120)
+    finally:
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+
+
+class CanaryThread:
+    """A real-time call in its own thread and event loop, so the flood's clients cannot delay its timing."""
+
+    def __init__(self, url: str) -> None:
+        self.arrivals: list[float] = []
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(url,), daemon=True)
+        self.thread.start()
+
+    def _run(self, url: str) -> None:
+        async def main() -> None:
+            stop = asyncio.Event()
+
+            async def watch() -> None:
+                while not self._stop.is_set():
+                    await asyncio.sleep(0.05)
+                stop.set()
+
+            watcher = asyncio.ensure_future(watch())
+            try:
+                await canary(url, self.arrivals, stop)
+            finally:
+                watcher.cancel()
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+            self.error = exc
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(30)
+        assert self.error is None, self.error
+
+
+async def canary(url: str, arrivals: list[float], stop: asyncio.Event) -> None:
+    client = await DuplexClient.connect(url, timeout=30)
+    start = time.monotonic()
+
+    async def send() -> None:
+        index = 0
+        while not stop.is_set():
+            await client.send_pcm(np.zeros(1920, np.float32))
+            index += 1
+            await asyncio.sleep(max(0.0, start + index * 0.08 - time.monotonic()))
+
+    sender = asyncio.ensure_future(send())
+    try:
+        async for event in client:
+            if isinstance(event, AudioEvent):
+                arrivals.append(time.monotonic())
+            if stop.is_set():
+                break
+    finally:
+        sender.cancel()
+        await client.close()
+
+
+def open_idle(port: int, count: int) -> list[socket.socket]:
+    sockets = []
+    for i in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if i % 2:
+            sock.sendall(b"GET /api/chat HTTP/1.1\r\nHost: x\r\n")  # half a request head
+        sockets.append(sock)
+    return sockets
+
+
+def answered_and_closed(sock: socket.socket) -> bool:
+    sock.settimeout(5)
+    data = b""
+    try:
+        while chunk := sock.recv(4096):
+            data += chunk
+    except (socket.timeout, ConnectionResetError):
+        return False
+    return data.startswith(b"HTTP/1.1 408")
+
+
+def run_flood(idle: int, senders: int, seconds: float) -> float:
+    """Run one flood; assert what holds on any machine; return the canary's longest audio gap (s)."""
+    with DemoServer("--max-sessions", "2", "--max-queue", QUEUE, "--handshake-seconds", "2") as server:
+        process = psutil.Process(server.process.pid)
+
+        async def scenario():
+            # Warm up (a whole call), then take the baseline.
+            warm = CanaryThread(server.url)
+            await wait_for(lambda: len(warm.arrivals) > 10, 30)
+            warm.stop()
+            await asyncio.sleep(1.0)
+            baseline = process.memory_info().rss
+
+            call = CanaryThread(server.url)
+            await wait_for(lambda: len(call.arrivals) > 5, 30)
+            flood_start = time.monotonic()
+            idle_sockets = await asyncio.to_thread(open_idle, server.port, idle)
+            outcome = await asyncio.to_thread(run_senders_elsewhere, server.url, senders, seconds)
+            flood_end = time.monotonic()
+            closed = await asyncio.to_thread(lambda: [answered_and_closed(s) for s in idle_sockets])
+            for sock in idle_sockets:
+                sock.close()
+            await asyncio.sleep(1.0)
+            call.stop()
+            await asyncio.sleep(2.0)
+            after = process.memory_info().rss
+            return baseline, after, call.arrivals, (flood_start, flood_end), outcome, closed
+
+        baseline, after, arrivals, (flood_start, flood_end), outcome, closed = asyncio.run(scenario())
+    kept = [t for t in arrivals if flood_start - 1.0 <= t <= flood_end + 1.0]  # the flood and its aftermath
+    gaps = np.diff(kept)
+    print(f"flood {flood_end - flood_start:.1f} s, senders {outcome}, canary frames {len(kept)}, "
+          f"max gap {1000 * gaps.max():.0f} ms, RSS {baseline / 1e6:.0f} -> {after / 1e6:.0f} MB")
+    assert all(closed), f"{closed.count(False)} of {len(closed)} idle connections were not answered with 408"
+    assert outcome.get("http_429", 0) > 0, outcome  # refused by the per-client limits, at once
+    assert after <= 1.10 * baseline, f"RSS {baseline / 1e6:.0f} MB -> {after / 1e6:.0f} MB"
+    assert gaps.size > 10, "the canary call did not go on through the flood"
+    return float(gaps.max())
+
+
+def test_idle_connections_and_fast_senders_are_refused_and_memory_comes_back():
+    """CI size. The canary must go on (no error, audio through the flood); its stall bound is the heavy test's:
+    on a shared 2-core machine the stall measures CPU starvation of the whole box, not the server."""
+    run_flood(idle=100, senders=40, seconds=4.0)
+
+
+@pytest.mark.heavy
+def test_the_full_flood_probe_never_stalls_the_canary_over_200_ms():
+    """The probe of issue 13: 500 idle connections, 200 fast senders (run on an otherwise idle machine)."""
+    assert run_flood(idle=500, senders=200, seconds=10.0) <= 0.2
