@@ -26,6 +26,7 @@ SAMPLING_PARAMS = {
     "audio_topk": "audio_topk",
     "text_seed": "text_seed",
     "audio_seed": "audio_seed",
+    "adapter": "adapter",
 }
 
 
@@ -52,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_temperature_topk_arguments(sampling)
     sampling.add_argument("--text-seed", type=int, help="seed of the text sampler (independent of the audio's)")
     sampling.add_argument("--audio-seed", type=int, help="seed of the audio sampler (independent of the text's)")
+    parser.add_argument("--adapter", metavar="NAME", help="the server's LoRA adapter to talk to (query parameter "
+                        "adapter=NAME; see /api/info for the server's adapters; default: the base model)")
     parser.add_argument("--insecure", action="store_true",
                         help="wss:// only: accept a self-signed server certificate (e.g. from `duplex serve --ssl`)")
     parser.add_argument("--api-key", default=None, metavar="KEY",

@@ -137,6 +137,14 @@ def plan_jobs(paths: list[str], output_dir: Path | None, transcript: Path | None
     return [InferJob(source, target, transcript)]
 
 
+def infer_adapter(args: argparse.Namespace) -> str | None:
+    """The adapter every file runs with: the last ``--adapter NAME=PATH`` (None: the base model)."""
+    from duplex.model.lora_multi import parse_adapter_spec
+
+    specs = getattr(args, "adapter", None) or []
+    return parse_adapter_spec(specs[-1])[0] if specs else None
+
+
 def sampling_from_args(args: argparse.Namespace, defaults: dict):
     """The per-slot SlotSampling that a server session with the same query parameters would get."""
     from duplex.server.protocol import SessionParams
@@ -146,6 +154,7 @@ def sampling_from_args(args: argparse.Namespace, defaults: dict):
         text_temperature=0.0 if args.greedy else args.text_temperature,
         audio_temperature=0.0 if args.greedy else args.audio_temperature,
         text_topk=args.text_topk, audio_topk=args.audio_topk, text_seed=args.seed, audio_seed=args.seed,
+        adapter=infer_adapter(args),
     )
     # The server's own resolution (defaults, "a temperature asks for sampling", seeds).
     sampling, _ = resolve_sampling(params, defaults)

@@ -60,6 +60,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from duplex.model.quant_cli import add_quantize_argument
 
     add_quantize_argument(group)
+    from duplex.model.lora_cli import add_lora_arguments
+
+    add_lora_arguments(parser.add_argument_group("LoRA adapters"))
 
 
 def load_models(args: argparse.Namespace) -> ModelBundle:
@@ -69,7 +72,14 @@ def load_models(args: argparse.Namespace) -> ModelBundle:
     """
     device = pick_device(getattr(args, "device", None))
     dtype = pick_dtype(getattr(args, "dtype", None), device)
-    return load_bundle(resolve_files(args), device, dtype)
+    bundle = load_bundle(resolve_files(args), device, dtype)
+    from duplex.model.lora_cli import apply_lora_arguments
+
+    try:
+        apply_lora_arguments(bundle, args)  # --lora-weight (merged), --adapter NAME=PATH (per conversation)
+    except ValueError as exc:
+        raise ModelSourceError(str(exc)) from exc
+    return bundle
 
 
 def resolve_files(args: argparse.Namespace) -> BundleFiles:

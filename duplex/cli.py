@@ -1,4 +1,4 @@
-"""The `duplex` command: serve, talk, infer and bench.
+"""The `duplex` command: serve, talk, infer, finetune and bench.
 
 Each subcommand lives in the package that owns it and exposes two functions,
 ``add_arguments(parser)`` and ``main(args) -> int``; this module only wires them
@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("duplex.server.cli", "run the real-time websocket server (web UI at /)"),
     "talk": ("duplex.client.cli", "talk to a server from the terminal (microphone or WAV files)"),
     "infer": ("duplex.client.infer", "run the whole model offline on WAV files, no server"),
+    "finetune": ("duplex.model.finetune", "train a LoRA adapter (or all weights) on your own dialogues"),
 }
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "codec": ("duplex.codec.bench", "Mimi encode_step / decode_step latency per 80 ms frame"),
@@ -26,6 +27,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "server": ("duplex.client.bench_server", "one real-time client over loopback: per-frame latency"),
     "serve": ("duplex.server.bench_serve", "N concurrent real-time clients: batched tick latency"),
     "engine": ("duplex.server.bench_engine", "engine step cost with few active slots on a big engine"),
+    "lora": ("duplex.model.lora_bench", "a batch of slots on several LoRA adapters against the base model"),
+    "finetune": ("duplex.model.finetune_bench", "one LoRA training step (forward, backward, AdamW)"),
 }
 
 

@@ -47,6 +47,7 @@ class SlotSampling:
     seed: int | None = None  # both streams' seed (text_seed / audio_seed win over it)
     text_seed: int | None = None  # keys the text token's noise
     audio_seed: int | None = None  # keys the audio tokens' noise
+    adapter: str | None = None  # LoRA adapter name (query parameter adapter=NAME); None: the base model
 
 
 @dataclass
@@ -153,6 +154,14 @@ class DuplexEngine:
         self._lm_steps = np.zeros(batch_size, dtype=np.int64)
         self._max_delay = lm.config.max_delay
         self._settings: dict[int, dict] = {}  # slot -> resolved sampling settings, applied at its first step
+        # LoRA adapters attached to the LM (duplex.model.lora_multi), chosen per slot; None: none.
+        # This engine's slot -> adapter choice is put in force before each of its steps.
+        self.adapters = getattr(lm, "adapter_set", None)
+        self._adapter_selection = self.adapters.new_selection(batch_size) if self.adapters is not None else None
+        self._adapter: dict[int, int] = {}  # slot -> adapter index for its next start (0 = base)
+        if cuda_graphs and self.adapters is not None:
+            logger.warning("CUDA graphs are not supported with per-conversation LoRA adapters: running eagerly")
+            cuda_graphs = False
         self._graphs = None
         if cuda_graphs:
             from .engine_graphs import CudaGraphSteps
@@ -160,17 +169,30 @@ class DuplexEngine:
             self._graphs = CudaGraphSteps(self)
 
     # ------------------------------------------------------------------ slots
-    def join(self, slot: int, request=None) -> None:
+    def join(self, slot: int, request=None, adapter: str | None = None) -> None:
         """Start a new conversation in ``slot``: its next step is its first (see the module doc).
 
         ``request``: any object with SlotSampling's attribute names (missing or None = the engine's
-        default; a None seed = the slot's index); other attributes (e.g. ``adapter``) are ignored.
+        default; a None seed = the slot's index); other attributes are ignored. ``adapter``: the
+        LoRA adapter's name (None: ``request.adapter`` when it has one, else the base model); an
+        unknown name raises ValueError naming it.
         """
         self._check_slot(slot)
         settings = self._resolve(slot, request)
+        index = self._adapter_index(adapter if adapter is not None else getattr(request, "adapter", None))
         self._occupied[slot] = True
         self._first_frame[slot] = True
         self._settings[slot] = settings
+        self._adapter[slot] = index
+
+    def _adapter_index(self, name: str | None) -> int:
+        if name is None:
+            return 0
+        if self.adapters is None:
+            from duplex.model.lora_multi import UnknownAdapterError
+
+            raise UnknownAdapterError(f"unknown adapter {name!r} (this server has none)")
+        return self.adapters.index_of(name)
 
     def leave(self, slot: int) -> None:
         """The slot's conversation is over: it is no longer stepped nor counted in the step's rows."""
@@ -178,6 +200,7 @@ class DuplexEngine:
         self._occupied[slot] = False
         self._first_frame[slot] = False
         self._settings.pop(slot, None)
+        self._adapter.pop(slot, None)
 
     def move_slot(self, src: int, dst: int) -> None:
         """Move the conversation of ``src`` to ``dst`` (whole state and host mirrors); ``src`` is left free."""
@@ -194,6 +217,11 @@ class DuplexEngine:
         self._settings.pop(dst, None)
         if src in self._settings:
             self._settings[dst] = self._settings[src]
+        self._adapter.pop(dst, None)
+        if src in self._adapter:  # not started yet: its adapter applies at its first step
+            self._adapter[dst] = self._adapter[src]
+        if self._adapter_selection is not None:  # started: its adapter moves with it
+            self._adapter_selection.set_slot(dst, int(self._adapter_selection.host[src]))
         self.leave(src)
 
     def reset_all(self) -> None:
@@ -206,6 +234,9 @@ class DuplexEngine:
         self._first_frame[:] = False
         self._lm_steps[:] = 0
         self._settings.clear()
+        self._adapter.clear()
+        if self._adapter_selection is not None:
+            self._adapter_selection.clear()
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.batch_size:
@@ -231,6 +262,8 @@ class DuplexEngine:
         """Advance the ready slots by one frame. ``pcm``: [B, 1920] (or [B, 1, 1920]) float32 at 24 kHz
         (rows of slots not ready are ignored); ``ready``: [B] bool, None = every slot."""
         ready = self._ready_mask(ready)
+        if self.adapters is not None:
+            self.adapters.activate(self._adapter_selection)
         rows = self.rows_for(ready)
         if rows:
             self._load_input(pcm, rows, ready)  # validates before any state changes
@@ -309,6 +342,8 @@ class DuplexEngine:
         for slot in np.flatnonzero(first).tolist():
             settings = self._settings.get(slot) or self._resolve(slot, None)
             self.lm_state.set_slot_sampling(slot, **settings)
+            if self._adapter_selection is not None:  # never the previous occupant's adapter
+                self._adapter_selection.set_slot(slot, self._adapter.pop(slot, 0))
 
     @property
     def lm_user_codebooks(self) -> int:

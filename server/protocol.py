@@ -26,7 +26,7 @@ import re
 import struct
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 PROTOCOL_VERSION = 0
 MODEL_VERSION = 0
@@ -156,6 +156,7 @@ class SessionParams:
     audio_topk: int | None = None
     text_seed: int | None = None
     audio_seed: int | None = None
+    adapter: str | None = None  # LoRA adapter name; None: the base model
     unsupported: dict[str, float] = field(default_factory=dict)
     ignored: tuple[str, ...] = ()
 
@@ -164,7 +165,7 @@ class SessionParams:
         return {k: v for k, v in asdict(self).items() if v is not None and k not in ("unsupported", "ignored")}
 
 
-def parse_query_params(query) -> SessionParams:
+def parse_query_params(query, adapters: Collection[str] | None = None) -> SessionParams:
     """Validate the websocket URL's query parameters; ValueError names the bad parameter.
 
     ``query``: a mapping, a sequence of (name, value) pairs, or starlette's ``QueryParams`` (whose
@@ -172,7 +173,8 @@ def parse_query_params(query) -> SessionParams:
     Numbers must be plain ASCII decimals: ``-?digits`` for integers, ``-?digits[.digits]`` for floats (no
     spaces, signs other than ``-``, ``_``, exponents, ``nan``/``inf`` or non-ASCII digits).
     Unknown parameters (other clients send e.g. ``worker_auth_id``) are not an error: they are
-    returned in ``ignored`` and reported back in the session metadata.
+    returned in ``ignored`` and reported back in the session metadata. ``adapters``: the names
+    ``adapter=NAME`` may take (None: not checked here).
     """
     pairs = _query_pairs(query)
     names = [name for name, _ in pairs]
@@ -183,7 +185,9 @@ def parse_query_params(query) -> SessionParams:
     unsupported: dict[str, float] = {}
     ignored = []
     for name, text in pairs:
-        if name in _NUMERIC_PARAMS:
+        if name == "adapter":
+            values["adapter"] = _check_adapter(text, adapters)
+        elif name in _NUMERIC_PARAMS:
             values[name] = _parse_number(name, text, *_NUMERIC_PARAMS[name])
         elif name in _UNSUPPORTED_PARAMS:
             unsupported[name] = _parse_number(name, text, *_UNSUPPORTED_PARAMS[name])
@@ -197,6 +201,14 @@ _ACCESS_PARAMS = ("api_key",)
 _INTEGER = re.compile(r"-?[0-9]+", re.ASCII)
 _DECIMAL = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
 _MAX_NUMBER_CHARS = 40
+
+
+def _check_adapter(name: str, adapters: Collection[str] | None) -> str:
+    """The adapter=NAME parameter: a name this server has."""
+    if adapters is not None and name not in adapters:
+        known = ", ".join(sorted(adapters)) or "none"
+        raise ValueError(f"unknown adapter {name!r} (query parameter adapter; this server has: {known})")
+    return name
 
 
 def _query_pairs(query) -> list[tuple[str, str]]:

@@ -1,6 +1,6 @@
 """What one session asks of its batch slot: one request object from the query parameters to the engine.
 
-:class:`SlotRequest` carries a session's resolved sampling settings (and, later, the adapter it wants)
+:class:`SlotRequest` carries a session's resolved sampling settings and the LoRA adapter it wants
 from the websocket query parameters (:class:`~duplex.server.protocol.SessionParams`) through the
 scheduler to ``engine.join(slot, request)``. The server-side fallbacks of every setting live in
 :data:`FALLBACK_DEFAULTS`, used where the model's own defaults say nothing.
@@ -36,7 +36,7 @@ class SlotRequest:
     seed: int | None = None  # both streams' seed (text_seed / audio_seed win over it)
     text_seed: int | None = None  # keys the text token's noise
     audio_seed: int | None = None  # keys the audio tokens' noise
-    adapter: str | None = None  # the LoRA adapter this session asks for (not applied yet: engines ignore it)
+    adapter: str | None = None  # the LoRA adapter this session asks for (None: the base model)
 
     def sampling(self) -> dict[str, Any]:
         """The sampling fields only (what the engine applies today)."""

@@ -213,10 +213,18 @@ class DuplexService:
             "build_info": build_info(),
         }
 
+    @property
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters a session may choose (query parameter adapter=NAME)."""
+        from duplex.model.lora_cli import adapter_names
+
+        return adapter_names(getattr(self.models, "lm", None))
+
     def info(self) -> dict:
         """GET /api/info."""
         return {
             "model": self.models.model_name,
+            "adapters": self.adapter_names,
             "device": str(self.models.device),
             "dtype": str(self.models.dtype).replace("torch.", ""),
             "sample_rate": SAMPLE_RATE,

@@ -203,7 +203,7 @@ def test_requests_are_validated_at_join_and_ready_masks_checked(models):
         engine.join(0, SlotSampling(temp=-1.0))
 
     class Request:  # any object with the attribute names will do; extra ones are ignored
-        use_sampling, temp, adapter = False, None, "some-adapter"
+        use_sampling, temp, note = False, None, "anything"  # (adapter: see tests/test_lora_engine.py)
 
     engine.join(0, Request())
     with pytest.raises(ValueError, match=r"ready must be a bool array of shape \[2\]"):

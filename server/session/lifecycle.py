@@ -57,7 +57,7 @@ class Session:
         await self.ws.accept()
         started = time.monotonic()
         try:
-            params = protocol.parse_query_params(self.ws.query_params)
+            params = protocol.parse_query_params(self.ws.query_params, adapters=self.service.adapter_names)
         except ValueError as exc:
             await self._reject(str(exc), "bad_params")
             return

@@ -15,6 +15,7 @@ const page = {
   call: null,
   lastCall: null,
   serverDefaults: {},
+  serverAdapters: [],  // the LoRA adapters of the server (/api/info), chosen in Settings
   meters: null,
   transcript: null,
   timer: null,
@@ -114,6 +115,7 @@ async function loadServerInfo(afterKey = false) {
       $("demo-notice").hidden = false;
     }
     page.serverDefaults = defaultsFromInfo(info);
+    page.serverAdapters = Array.isArray(info.adapters) ? info.adapters.map(String) : [];
     if (info.defaults && info.defaults.use_sampling === false) {
       $("settings-mode").textContent = "This server decodes greedily by default; setting a temperature or top-k turns sampling on for your call.";
     }
@@ -122,7 +124,7 @@ async function loadServerInfo(afterKey = false) {
   } catch {
     $("model-info").textContent = "Model information unavailable";
   }
-  buildSettingsFields($("settings-fields"), loadStoredSettings(), page.serverDefaults);
+  buildSettingsFields($("settings-fields"), loadStoredSettings(), page.serverDefaults, page.serverAdapters);
 }
 
 function setMessage(text, tone = "info") {
@@ -269,7 +271,7 @@ function setupSettings() {
   });
   $("settings-reset").addEventListener("click", () => {
     storeSettings({});
-    buildSettingsFields($("settings-fields"), {}, page.serverDefaults);
+    buildSettingsFields($("settings-fields"), {}, page.serverDefaults, page.serverAdapters);
     $("settings-error").textContent = "";
   });
   dialog.addEventListener("click", (event) => {

@@ -79,6 +79,7 @@ export function samplingQuery(values) {
     }
     query.set(param.name, plainDecimal(number));
   }
+  if (values.adapter) query.set("adapter", String(values.adapter));  // a LoRA adapter of the server
   return query;
 }
 

@@ -85,8 +85,9 @@ export class TranscriptView {
 }
 
 /** Builds the sampling fields; `defaults` are the server's values (shown as placeholders). */
-export function buildSettingsFields(container, stored, defaults) {
+export function buildSettingsFields(container, stored, defaults, adapters = []) {
   container.replaceChildren();
+  if (adapters.length > 0) container.append(adapterField(adapters, stored.adapter));
   for (const param of SAMPLING_PARAMS) {
     const wrapper = document.createElement("div");
     wrapper.className = "field";
@@ -109,9 +110,31 @@ export function buildSettingsFields(container, stored, defaults) {
   }
 }
 
+/** The server's LoRA adapters (from /api/info) as a choice; "" is the base model. */
+function adapterField(adapters, stored) {
+  const wrapper = document.createElement("div");
+  wrapper.className = "field";
+  const label = document.createElement("label");
+  label.htmlFor = "param-adapter";
+  label.textContent = "Adapter";
+  const select = document.createElement("select");
+  select.id = "param-adapter";
+  select.name = "adapter";
+  for (const [value, text] of [["", "Base model"], ...adapters.map((name) => [name, name])]) {
+    const option = document.createElement("option");
+    option.value = value;
+    option.textContent = text;
+    select.append(option);
+  }
+  select.value = adapters.includes(stored) ? stored : "";
+  wrapper.append(label, select);
+  return wrapper;
+}
+
 export function readSettings(form) {
   const values = {};
   for (const param of SAMPLING_PARAMS) values[param.name] = form.elements[param.name].value.trim();
+  if (form.elements.adapter) values.adapter = form.elements.adapter.value;
   return values;
 }
 
