@@ -31,10 +31,16 @@ def apply_lora_arguments(models, args: argparse.Namespace) -> None:
     from .lora_multi import load_adapter_set
 
     lora_weight = getattr(args, "lora_weight", None)
+    specs = getattr(args, "adapter", None) or []
+    if lora_weight or specs:
+        from .quant_cli import refuse_adapter_on_quantized
+
+        # A quantized LM has no float weights to merge into, and adapters are not applied beside
+        # quantized layers: refused with one clear message (merge into a float checkpoint first).
+        refuse_adapter_on_quantized(models.lm, "--lora-weight" if lora_weight else "--adapter")
     if lora_weight:
         adapter = merge_adapter_file(models.lm, lora_weight)
         logger.info("merged the LoRA adapter %s (rank %d, scaling %g)", lora_weight, adapter.rank, adapter.scaling)
-    specs = getattr(args, "adapter", None) or []
     if specs:
         adapters = load_adapter_set(models.lm, specs)
         logger.info("LoRA adapters, chosen per conversation: %s", ", ".join(adapters.names))

@@ -129,3 +129,13 @@ def test_finetune_refuses_a_dataset_without_the_main_speaker(trained, fixtures_d
                         *model_argv(fixtures_dir, tiny_tokenizer_path)]) == 1
     assert "no word of the alignments is by 'MOSHI' (speakers found: SPEAKER_MAIN, SPEAKER_OTHER)" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--lora-weight", "--adapter"])
+def test_adapters_with_quantize_are_refused_with_one_clear_line(trained, fixtures_dir, tiny_tokenizer_path, flag):
+    """Adapters and --quantize: refused at load (merge into a float checkpoint first), never a silent float path."""
+    out, _ = trained
+    value = str(out / "lora.safetensors") if flag == "--lora-weight" else f"mine={out}"
+    args = parse(*model_argv(fixtures_dir, tiny_tokenizer_path), "--quantize", "int8", flag, value)
+    with pytest.raises(ModelSourceError, match=f"cannot attach {flag} to a quantized LM: merge it"):
+        load_models(args)
