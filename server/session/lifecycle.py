@@ -154,7 +154,9 @@ class Session:
             self.service.admission.release()
 
     async def _send_position(self, position: int) -> None:
-        await self.send_now(protocol.encode_metadata({"type": "queue", "queue_position": position}))
+        # Kyutai's web client validates every kind-4 object against its server-info schema: carry its fields.
+        message = {**self.service.kyutai_fields(), "type": "queue", "queue_position": position}
+        await self.send_now(protocol.encode_metadata(message))
 
     # ------------------------------------------------------------------ the conversation
     async def _converse(self, params: protocol.SessionParams) -> None:
