@@ -25,8 +25,8 @@ class AudioFileError(ValueError):
     """An audio file could not be read or written; the message is meant for the user."""
 
 
-def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Read an audio file as mono float32 PCM at ``sample_rate``: shape ``[T]``."""
+def read_audio_channels(path: str | Path) -> tuple[np.ndarray, int]:
+    """Read an audio file as float32 ``[C, T]`` at its own rate, with one clear error for bad files."""
     import soundfile
 
     path = Path(path)
@@ -40,7 +40,13 @@ def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         raise AudioFileError(f"{path} holds no audio samples")
     if not np.isfinite(data).all():
         raise AudioFileError(f"{path} holds NaN or infinite samples")
-    return resample(to_mono(data.T), file_rate, sample_rate)
+    return data.T, file_rate
+
+
+def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Read an audio file as mono float32 PCM at ``sample_rate``: shape ``[T]``."""
+    data, file_rate = read_audio_channels(path)  # [C, T]
+    return resample(to_mono(data), file_rate, sample_rate)
 
 
 def write_wav(path: str | Path, pcm: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:

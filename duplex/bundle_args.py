@@ -145,15 +145,12 @@ def sibling_config(moshi_spec: str | None) -> str | None:
 
 def pick_device(name: str | None) -> torch.device:
     """The requested device, or cuda when available else cpu; a clear error for unusable ones."""
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from duplex.model.devices import resolve_device
+
     try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ModelSourceError(f"bad --device {name!r}: {exc}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelSourceError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return device
+        return resolve_device(name)
+    except ValueError as exc:
+        raise ModelSourceError(str(exc)) from exc
 
 
 def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:

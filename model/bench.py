@@ -14,6 +14,7 @@ import torch
 
 from ..codec.config import MimiConfig
 from .config import LMConfig
+from .devices import resolve_device
 from .generate import LMGen, LMGenState
 from .lm import LMModel
 
@@ -58,9 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("CUDA was asked for but is not available", file=sys.stderr)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.threads:

@@ -90,20 +90,16 @@ def read_alignments(path: Path) -> list[Word]:
 
 def read_stereo(path: Path, sample_rate: int) -> np.ndarray:
     """A stereo file as float32 [2, T] at ``sample_rate`` (left = model, right = user)."""
-    import soundfile
+    from duplex.client.audio import AudioFileError, read_audio_channels, resample
 
-    from duplex.client.audio import resample
-
-    if not path.is_file():
-        raise DatasetError(f"audio file not found: {path}")
     try:
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # [T, C]
-    except (soundfile.LibsndfileError, RuntimeError, TypeError) as err:
-        raise DatasetError(f"{path} is not a readable audio file: {err}") from err
-    if data.shape[1] != 2:
-        raise DatasetError(f"{path} has {data.shape[1]} channel(s); training needs stereo "
+        data, rate = read_audio_channels(path)  # [C, T]
+    except AudioFileError as err:
+        raise DatasetError(str(err)) from err
+    if data.shape[0] != 2:
+        raise DatasetError(f"{path} has {data.shape[0]} channel(s); training needs stereo "
                            "(left = the model's voice, right = the user)")
-    return np.stack([resample(np.ascontiguousarray(data[:, c]), rate, sample_rate) for c in range(2)])
+    return np.stack([resample(np.ascontiguousarray(data[c]), rate, sample_rate) for c in range(2)])
 
 
 def text_stream(words: list[Word], frames: int, frame_rate: float, encode, padding_id: int,

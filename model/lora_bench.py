@@ -17,6 +17,7 @@ import torch
 
 from .bench import build_random_lm, measure, preset
 from .config import LMConfig
+from .devices import resolve_device
 from .lora import LoRAAdapter, LoRAConfig, linear_targets
 from .lora_multi import attach_adapters, detach_adapters
 
@@ -45,7 +46,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _setup(args: argparse.Namespace):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)  # ValueError for an unusable one
     if args.threads:
         torch.set_num_threads(args.threads)
     config = LMConfig.from_kyutai(args.config) if args.config else preset(args.preset)

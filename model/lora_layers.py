@@ -17,7 +17,25 @@ import torch
 from torch import nn
 
 
-class LoRALinear(nn.Module):
+class _WrappedLinear(nn.Module):
+    """A module around a base linear that answers like it: in/out features, weight (device / dtype queries)."""
+
+    base: nn.Module
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # the base weight
+        return self.base.weight
+
+
+class LoRALinear(_WrappedLinear):
     """y = base(x) + scaling * lora_B(lora_A(x)); the base stays frozen."""
 
     def __init__(self, base: nn.Module, rank: int, scaling: float) -> None:
@@ -32,18 +50,6 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, **factory)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)  # starts as the base model
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:  # the base weight (device / dtype queries)
-        return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         low = self.lora_A(x.to(self.lora_A.weight.dtype))  # [..., r]
@@ -60,7 +66,7 @@ class LoRALinear(nn.Module):
         return self.lora_A.weight, self.lora_B.weight
 
 
-class MultiLoRALinear(nn.Module):
+class MultiLoRALinear(_WrappedLinear):
     """base(x) plus, per batch row, the low-rank delta of that row's adapter (none: no delta)."""
 
     def __init__(self, base: nn.Module, a_stack: torch.Tensor, bt_stack: torch.Tensor, adapters) -> None:
@@ -69,18 +75,6 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("a_stack", a_stack, persistent=False)  # [N + 1, r, in]
         self.register_buffer("bt_stack", bt_stack, persistent=False)  # [N + 1, r, out]
         self.adapters = adapters  # the AdapterSet shared by every wrapped linear (its selection in force)
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from duplex.model.devices import resolve_device
+
 from .engine import DuplexEngine, SlotSampling
 
 TARGETS = {1: 1.5}  # N active on a big engine vs an N-slot engine: 1.5x for one slot, else DEFAULT_TARGET
@@ -41,9 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: CUDA was asked for but is not available", file=sys.stderr)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     if (args.cuda_graphs or args.check) and device.type != "cuda":
         print("error: --cuda-graphs and --check need a CUDA device (--device cuda)", file=sys.stderr)

@@ -1,0 +1,18 @@
+"""The device rule every command shares: the requested device, else cuda when available, else cpu."""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``name`` as a torch device (None or "": cuda when available, else cpu); ValueError for unusable ones."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"bad --device {name!r}: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return device
