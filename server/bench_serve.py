@@ -4,8 +4,8 @@ For each N in ``--sessions``: a server with ``--max-sessions N`` runs in this pr
 thread); a separate client process opens N websocket connections over loopback, each streaming its
 own audio in real time (one 80 ms Ogg/Opus frame every 80 ms, random phases; with ``--jitter MS``
 every odd-numbered session's frames are delayed by up to MS, order kept) and recording the model's
-token ids and when each answer came back. Each session's input is also run alone, offline, on a
-single-slot engine: its *solo* answer. Printed per N: step cost by stage (median / p99), whether all
+token ids and when each answer came back. Each session's input is also run alone, offline, on an
+engine of the server's size: its *solo* answer. Printed per N: step cost by stage (median / p99), whether all
 N sessions were held in real time, memory, the cost of one batched tick against N single-slot steps;
 and per session: text tokens equal to its solo run (%), frames stepped as silence and user frames
 dropped (both must be 0), and the answer latency p50 / p99 (send of a frame -> its answer received).
@@ -219,7 +219,7 @@ def run_one(models, sessions: int, audio: np.ndarray, args: argparse.Namespace) 
     metrics = service.metrics
     expected = audio.size // FRAME - 1
     delay = models.lm.config.max_delay
-    per_session = [summarise(run, solo_text(models, session_audio(audio, run.index), run.index),
+    per_session = [summarise(run, solo_text(models, session_audio(audio, run.index), run.index, sessions),
                              log.records.get(run.session_id), delay) for run in runs]
     result = RunResult(
         sessions=sessions, ticks=ticks, late=metrics.frames_late._value.get(),

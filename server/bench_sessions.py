@@ -66,19 +66,22 @@ def session_seed(index: int) -> int:
     return 101 + index
 
 
-def solo_text(models, pcm: np.ndarray, index: int) -> list[int]:
-    """The session's answer alone: a single-slot engine stepping, in order, every frame the server would
-    decode from it (text token ids)."""
+def solo_text(models, pcm: np.ndarray, index: int, slots: int = 1) -> list[int]:
+    """The session's answer alone: the conversation alone in slot 0 of an engine of the server's size
+    (``slots``), stepping in order every frame the server would decode from it (text token ids)."""
     from duplex.server.engine import DuplexEngine
     from duplex.server.request import resolve_request
     from duplex.server.protocol import SessionParams
 
-    engine = DuplexEngine(models.mimi, models.lm, 1, models.lm_gen_defaults, device=models.device)
+    engine = DuplexEngine(models.mimi, models.lm, slots, models.lm_gen_defaults, device=models.device)
     seed = session_seed(index)
     engine.join(0, resolve_request(SessionParams(text_seed=seed, audio_seed=seed), dict(models.lm_gen_defaults))[0])
     text = []
+    alone = np.arange(slots) == 0  # [slots]
     for frame in through_opus(pcm):
-        out = engine.step(frame[None])
+        batch = np.zeros((slots, frame.shape[-1]), np.float32)
+        batch[0] = frame
+        out = engine.step(batch, alone)
         if out.has_output[0]:
             text.append(int(out.tokens[0, 0]))
     return text

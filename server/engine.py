@@ -13,7 +13,8 @@ Rules, each counted in the slot's own steps (details and reasons: docs/engine.md
   as a first frame. The decoder advances only on steps with output: the first ``max_delay`` steps
   have none, so N input frames give N - max_delay output frames (N - 1 for Moshi).
 - A step computes only the first ``rows`` slots (views of the state tensors, no copies): the
-  smallest bucket that covers the highest occupied or ready slot.
+  smallest bucket that covers the highest occupied or ready slot, and never fewer than
+  :data:`BATCH_INVARIANT_ROWS`, so that a row's numbers do not depend on the bucket.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ SAMPLE_RATE = 24000
 FRAME_RATE = 12.5
 SAMPLING_FIELDS = ("use_sampling", "temp", "temp_text", "top_k", "top_k_text")
 SEED_FIELDS = ("seed", "text_seed", "audio_seed")
+# The fewest rows a step computes. A matmul with fewer than 4 rows, and a convolution of batch 1, take other
+# CPU kernels (another summation order: 1e-7 apart), while from 4 rows on every row's result is the same
+# bit for bit whatever the batch. With this floor (on engines of more than one slot) a conversation's output
+# does not depend on its bucket, i.e. on its neighbours (tests/test_engine_invariance.py; docs/engine.md).
+BATCH_INVARIANT_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -113,21 +119,25 @@ class _StageClock:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
-def bucket_sizes(batch_size: int, buckets=None) -> tuple[int, ...]:
-    """Sorted step sizes: the given ones (default powers of two) capped at, and always including, batch_size."""
+def bucket_sizes(batch_size: int, buckets=None, min_rows: int = BATCH_INVARIANT_ROWS) -> tuple[int, ...]:
+    """Sorted step sizes: the given ones (default powers of two), each at least ``min_rows``, always
+    including the engine's rows max(batch_size, min_rows)."""
     if buckets is None:
         buckets = [1 << i for i in range(batch_size.bit_length())]
-    sizes = sorted({int(b) for b in buckets} | {batch_size})
-    if sizes[0] < 1 or sizes[-1] > batch_size:
+    buckets = [int(b) for b in buckets]
+    if buckets and (min(buckets) < 1 or max(buckets) > batch_size):
         raise ValueError(f"buckets must lie in 1..{batch_size} (the batch size), got {list(buckets)}")
-    return tuple(sizes)
+    if min_rows < 1:
+        raise ValueError(f"min_rows must be >= 1, got {min_rows}")
+    return tuple(sorted({max(b, min_rows) for b in buckets} | {max(batch_size, min_rows)}))
 
 
 class DuplexEngine:
     """Batched streaming Mimi + LMGen for ``batch_size`` independent conversation slots."""
 
     def __init__(self, mimi, lm, batch_size: int, lm_gen_kwargs: dict | None = None,
-                 device: torch.device | str | None = None, buckets=None, cuda_graphs: bool = False) -> None:
+                 device: torch.device | str | None = None, buckets=None, cuda_graphs: bool = False,
+                 min_rows: int | None = None) -> None:
         from duplex.model.generate import LMGen
 
         if batch_size < 1:
@@ -140,24 +150,29 @@ class DuplexEngine:
         self.lm_gen = LMGen(lm, **self.defaults)
         self.frame_size = int(mimi.frame_size)
         self.num_codebooks = lm.config.dep_q
-        self.buckets = bucket_sizes(batch_size, buckets)
+        if min_rows is None:  # a lone slot has no neighbours to be invariant to: it computes one row
+            min_rows = BATCH_INVARIANT_ROWS if batch_size > 1 else 1
+        self.buckets = bucket_sizes(batch_size, buckets, min_rows)
+        # Rows of every state tensor: the slots, plus padding rows (never joined, never ready) up to the
+        # smallest bucket. R below = capacity >= B.
+        self.capacity = self.buckets[-1]
         with torch.inference_mode():
-            self.mimi_state = mimi.init_state(batch_size)
-            self.lm_state = self.lm_gen.init_state(batch_size)
-        self._views = {batch_size: (self.mimi_state, self.lm_state)}  # rows -> prefix views of the states
-        self._pcm_in = torch.zeros(batch_size, 1, self.frame_size, device=self.device)  # [B, 1, 1920]
-        self._masks = torch.zeros(3, batch_size, dtype=torch.bool, device=self.device)  # encode, lm, decode
-        self._occupied = np.zeros(batch_size, dtype=bool)  # [B] joined and not left
-        self._first_frame = np.zeros(batch_size, dtype=bool)  # [B] joined, first frame not yet stepped
-        # [B] LM steps since each slot's restart: a host mirror of the LM clocks, so that knowing which
+            self.mimi_state = mimi.init_state(self.capacity)
+            self.lm_state = self.lm_gen.init_state(self.capacity)
+        self._views = {self.capacity: (self.mimi_state, self.lm_state)}  # rows -> prefix views of the states
+        self._pcm_in = torch.zeros(self.capacity, 1, self.frame_size, device=self.device)  # [R, 1, 1920]
+        self._masks = torch.zeros(3, self.capacity, dtype=torch.bool, device=self.device)  # encode, lm, decode
+        self._occupied = np.zeros(self.capacity, dtype=bool)  # [R] joined and not left
+        self._first_frame = np.zeros(self.capacity, dtype=bool)  # [R] joined, first frame not yet stepped
+        # [R] LM steps since each slot's restart: a host mirror of the LM clocks, so that knowing which
         # slots have output (clock >= max_delay) needs no device sync.
-        self._lm_steps = np.zeros(batch_size, dtype=np.int64)
+        self._lm_steps = np.zeros(self.capacity, dtype=np.int64)
         self._max_delay = lm.config.max_delay
         self._settings: dict[int, dict] = {}  # slot -> resolved sampling settings, applied at its first step
         # LoRA adapters attached to the LM (duplex.model.lora_multi), chosen per slot; None: none.
         # This engine's slot -> adapter choice is put in force before each of its steps.
         self.adapters = getattr(lm, "adapter_set", None)
-        self._adapter_selection = self.adapters.new_selection(batch_size) if self.adapters is not None else None
+        self._adapter_selection = self.adapters.new_selection(self.capacity) if self.adapters is not None else None
         self._adapter: dict[int, int] = {}  # slot -> adapter index for its next start (0 = base)
         if cuda_graphs and self.adapters is not None:
             logger.warning("CUDA graphs are not supported with per-conversation LoRA adapters: running eagerly")
@@ -226,7 +241,7 @@ class DuplexEngine:
 
     def reset_all(self) -> None:
         """Restart every slot's streaming state (after a failed step); slots must be joined again."""
-        everyone = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)  # [B]
+        everyone = torch.ones(self.capacity, dtype=torch.bool, device=self.device)  # [R]
         with torch.inference_mode():
             self.mimi_state.reset(everyone)
             self.lm_state.reset(everyone)
@@ -261,19 +276,19 @@ class DuplexEngine:
     def step(self, pcm: np.ndarray | torch.Tensor, ready: np.ndarray | None = None) -> StepOutput:
         """Advance the ready slots by one frame. ``pcm``: [B, 1920] (or [B, 1, 1920]) float32 at 24 kHz
         (rows of slots not ready are ignored); ``ready``: [B] bool, None = every slot."""
-        ready = self._ready_mask(ready)
+        ready = self._ready_mask(ready)  # [R]
         if self.adapters is not None:
             self.adapters.activate(self._adapter_selection)
         rows = self.rows_for(ready)
         if rows:
             self._load_input(pcm, rows, ready)  # validates before any state changes
-        first = self._first_frame & ready  # [B] slots stepping their first frame
+        first = self._first_frame & ready  # [R] slots stepping their first frame
         self._first_frame &= ~ready
         self._lm_steps[first] = 0  # their LM clocks restart at this step
-        has_output = ready & (self._lm_steps >= self._max_delay)  # [B], before this step's clock tick
+        has_output = ready & (self._lm_steps >= self._max_delay)  # [R], before this step's clock tick
         self._lm_steps += ready
         if rows == 0:
-            return self._empty_output(has_output)
+            return self._empty_output(has_output[: self.batch_size])
         if first.any():
             self._start_new_slots(first)
         masks = np.stack([ready & ~first, ready, has_output])[:, :rows]  # [3, rows] encode, lm, decode
@@ -281,11 +296,12 @@ class DuplexEngine:
             audio, tokens, timings = self._graphs.run(rows, masks)
         else:
             audio, tokens, timings = self._eager_step(rows, masks)
-        return self._output(audio, tokens, has_output, rows, timings)
+        return self._output(audio, tokens, has_output[: self.batch_size], rows, timings)
 
     def rows_for(self, ready: np.ndarray) -> int:
         """The bucket a step computes: the smallest covering every occupied or ready slot (0: none, or
-        no slot ready)."""
+        no slot ready). ``ready``: [B] or [R] bool."""
+        ready = self._padded(np.asarray(ready, dtype=bool))
         busy = np.flatnonzero(ready | self._occupied)
         if busy.size == 0 or not ready.any():
             return 0
@@ -294,12 +310,18 @@ class DuplexEngine:
 
     def _ready_mask(self, ready) -> np.ndarray:
         if ready is None:
-            return np.ones(self.batch_size, dtype=bool)
+            return self._padded(np.ones(self.batch_size, dtype=bool))
         ready = np.asarray(ready)
         if ready.dtype != bool or ready.shape != (self.batch_size,):
             raise ValueError(f"ready must be a bool array of shape [{self.batch_size}], "
                              f"got {ready.dtype} {list(ready.shape)}")
-        return ready.copy()
+        return self._padded(ready)
+
+    def _padded(self, per_slot: np.ndarray) -> np.ndarray:
+        """[B] -> a new [R] array, False on the padding rows (an [R] array is copied as it is)."""
+        padded = np.zeros(self.capacity, dtype=bool)
+        padded[: per_slot.shape[0]] = per_slot[: self.capacity]
+        return padded
 
     def _eager_step(self, rows: int, masks: np.ndarray):
         """Run the device step eagerly; a stage whose rows are all ready runs unmasked (same values)."""
@@ -357,15 +379,16 @@ class DuplexEngine:
         if frames.numel() != self.batch_size * self.frame_size:
             raise ValueError(f"step expects [{self.batch_size}, {self.frame_size}] samples (one 80 ms frame "
                              f"per slot), got shape {list(frames.shape)}")
-        frames = frames.reshape(self.batch_size, 1, self.frame_size)[:rows]  # [rows, 1, 1920]
-        if not ready[:rows].all():
-            frames = torch.where(torch.from_numpy(ready[:rows, None, None]).to(frames.device), frames, 0.0)
+        slots = min(rows, self.batch_size)  # rows beyond the slots are padding: their input stays zero
+        frames = frames.reshape(self.batch_size, 1, self.frame_size)[:slots]  # [slots, 1, 1920]
+        if not ready[:slots].all():
+            frames = torch.where(torch.from_numpy(ready[:slots, None, None]).to(frames.device), frames, 0.0)
         if frames.device.type == "cpu":
-            finite = torch.isfinite(frames).flatten(1).all(dim=1)  # [rows]
+            finite = torch.isfinite(frames).flatten(1).all(dim=1)  # [slots]
             if not bool(finite.all()):
                 bad = np.flatnonzero(~finite.numpy()).tolist()
                 raise ValueError(f"audio contains NaN or infinite samples (batch slots {bad})")
-        self._pcm_in[:rows].copy_(frames, non_blocking=True)
+        self._pcm_in[:slots].copy_(frames, non_blocking=True)
 
     def _empty_output(self, has_output: np.ndarray) -> StepOutput:
         return StepOutput(pcm=np.zeros((self.batch_size, self.frame_size), dtype=np.float32),
@@ -375,8 +398,9 @@ class DuplexEngine:
     def _output(self, audio: torch.Tensor, tokens: torch.Tensor, has_output: np.ndarray, rows: int,
                 timings: StepTimings) -> StepOutput:
         out = self._empty_output(has_output)
-        out.pcm[:rows] = audio[:, 0].float().cpu().numpy()  # [rows, 1920]; the host sync of the step
-        out.tokens[:rows] = tokens[:, :, 0].cpu().numpy()  # [rows, 9]
+        slots = min(rows, self.batch_size)
+        out.pcm[:slots] = audio[:slots, 0].float().cpu().numpy()  # [slots, 1920]; the host sync of the step
+        out.tokens[:slots] = tokens[:slots, :, 0].cpu().numpy()  # [slots, 9]
         out.pcm[~has_output] = 0.0
         out.tokens[~has_output] = -1
         out.rows, out.timings = rows, timings

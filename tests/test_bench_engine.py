@@ -11,7 +11,7 @@ def test_bench_engine_prints_the_cost_table(fixtures_dir, capsys):
     out = capsys.readouterr().out
     assert code == 0
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert [(row[0], row[1]) for row in rows] == [("1", "1"), ("4", "4")]  # active, rows computed
+    assert [(row[0], row[1]) for row in rows] == [("1", "4"), ("4", "4")]  # active, rows computed (floor 4)
     assert "ratio" in out and "one waiting ms" in out
 
 
