@@ -57,6 +57,12 @@ class ServerMetrics:
         self.bytes = Counter("duplex_bytes", "Websocket payload bytes", ["direction"], registry=r)
         self.sessions_ended = Counter("duplex_sessions_ended", "Finished sessions by reason", ["reason"],
                                       registry=r)
+        self.loop_lag = Histogram(
+            "duplex_event_loop_lag_seconds", "How late the event loop (sockets, Opus) ran a 20 ms timer",
+            buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0), registry=r,
+        )
+        self.loop_lag_max = Gauge("duplex_event_loop_lag_max_seconds",
+                                  "The event loop's worst lag of the last 10 s", registry=r)
         self.rejected = Counter("duplex_rejected", "Connections refused before a session started", ["reason"],
                                 registry=r)
         self.refused = Counter(

@@ -12,6 +12,7 @@ from typing import Any
 
 from duplex.server.admission import Admission
 from duplex.server.engine import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, DuplexEngine
+from duplex.server.loop_monitor import LoopLagMonitor
 from duplex.server.metrics import ServerMetrics
 from duplex.server.protocol import MAX_MESSAGE_BYTES, MODEL_VERSION, PROTOCOL_VERSION, SessionParams
 from duplex.server.request import SAMPLING_RULE, SlotRequest, resolve_request  # noqa: F401 - re-exported
@@ -84,6 +85,7 @@ class DuplexService:
         self.draining = False  # SIGTERM: active calls go on for a while, nobody new is admitted
         self.stopping = False  # the final stop: every session is being ended
         self.metrics.max_sessions.set(settings.max_sessions)
+        self.loop_monitor = LoopLagMonitor(self.metrics.loop_lag, self.metrics.loop_lag_max)
 
     def start(self) -> None:
         """Start the model worker (call on the event loop that serves the sessions)."""
@@ -97,6 +99,7 @@ class DuplexService:
 
         self.scheduler.on_fatal = stop_admitting
         self.scheduler.start()
+        self.loop_monitor.start()
 
     def refusal(self) -> str | None:
         """Why no session can start now (draining, shutting down, broken model), or None."""
@@ -136,6 +139,7 @@ class DuplexService:
         while (self.sessions or self.admission.active) and loop.time() < deadline:
             await asyncio.sleep(0.05)
         await asyncio.to_thread(self.scheduler.stop)
+        await self.loop_monitor.stop()
 
     # ------------------------------------------------------------------ capacity (load balancers)
     def capacity(self) -> dict[str, Any]:
@@ -148,6 +152,7 @@ class DuplexService:
             "max_queue": self.settings.max_queue,
             "free": max(0, self.settings.max_sessions - admission.active),
             "lag_ms": scheduler_lag_ms(self.scheduler),
+            "event_loop_lag_max_ms": round(1000 * self.loop_monitor.worst(), 1),
             "draining": self.draining,
             "failed": self.scheduler.error is not None,
         }
