@@ -231,9 +231,19 @@ class Guard:
         self.limits.opened(client)
         try:
             chat = GuardedChat(receive, send, self.service)
+            scope[GUARD_SCOPE_KEY] = chat  # the session reads why the guard closed it (its end reason)
             await self.app(scope, chat.receive, chat.send)
         finally:
             self.limits.closed(client)
+
+
+GUARD_SCOPE_KEY = "duplex.guard"  # the connection's GuardedChat, in the ASGI scope
+
+
+def guard_refusal(scope) -> str | None:
+    """Why the guard closed this connection (``bad_audio``, ``no_audio``), or None."""
+    chat = scope.get(GUARD_SCOPE_KEY)
+    return getattr(chat, "refusal", None)
 
 
 class GuardedChat:
@@ -252,6 +262,7 @@ class GuardedChat:
         self.service = service
         self.checker = OggPageChecker()
         self.closed = False
+        self.refusal: str | None = None  # the reason of the guard's refusal, once it closed the connection
         self.audio_seen = False
         self._timer: asyncio.TimerHandle | None = None
 
@@ -301,6 +312,7 @@ class GuardedChat:
         if self.closed:
             return
         self.closed = True
+        self.refusal = reason
         self._cancel_timer()
         self.service.metrics.refused.labels(reason).inc()
         try:

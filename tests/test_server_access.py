@@ -250,3 +250,6 @@ def test_a_client_that_sends_no_audio_after_the_handshake_is_ended(models):
         while server.service.admission.active:  # the slot is free again
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        ended = server.service.metrics.sessions_ended
+        assert ended.labels("no_audio")._value.get() == 1  # its end is logged as such, not as the client's
+        assert ended.labels("client_closed")._value.get() == 0

@@ -190,6 +190,8 @@ def test_a_bit_flipped_ogg_page_is_refused(server):
     pages = opus_pages(6)
     corrupt = bytearray(pages[-1])
     corrupt[len(corrupt) // 2 + 10] ^= 0x10
+    ended = server.service.metrics.sessions_ended
+    before = ended.labels("bad_audio")._value.get(), ended.labels("client_closed")._value.get()
     ws = session(server)
     for page in pages[:-1]:
         ws.send(frame(OP_BINARY, protocol.encode_audio(page)))
@@ -198,6 +200,11 @@ def test_a_bit_flipped_ogg_page_is_refused(server):
     ws.close()
     errors, code = errors_and_close(data)
     assert code == 1008 and len(errors) == 1 and "CRC mismatch" in errors[0], errors
+    deadline = time.monotonic() + 5  # the session's end is logged as the guard's refusal, not as a hang-up
+    while ended.labels("bad_audio")._value.get() == before[0] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert (ended.labels("bad_audio")._value.get(), ended.labels("client_closed")._value.get()) == (
+        before[0] + 1, before[1])
 
 
 def test_a_stream_that_does_not_start_with_opushead_is_refused(server):

@@ -18,6 +18,7 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from duplex.server import protocol
 from duplex.server.admission import Busy, Closed
+from duplex.server.guard import guard_refusal
 from duplex.server.metrics import SessionRecord
 from duplex.server.request import resolve_request
 from duplex.server.scheduler import SchedulerFailed, SchedulerFull
@@ -30,7 +31,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_SECONDS = 1.0  # how long sending the close frame may take
-NO_FLUSH_REASONS = ("client_closed", "slow_client")  # the client cannot or does not read: nothing is flushed
+# The client cannot or does not read, or the guard closed the socket already: nothing is flushed.
+NO_FLUSH_REASONS = ("client_closed", "slow_client", "bad_audio", "no_audio")
 
 
 class Session:
@@ -78,6 +80,10 @@ class Session:
             self.record.end_reason = self.end_reason or "unknown"
             self.service.metrics.sessions_ended.labels(self.record.end_reason).inc()
             self.record.log()
+
+    def _guard_reason(self) -> str | None:
+        """Why the connection guard closed the socket (``bad_audio``, ``no_audio``), or None."""
+        return guard_refusal(getattr(self.ws, "scope", None) or {})
 
     def _release_admission(self) -> None:
         """Give the admitted slot back (once), so that the next queued client starts."""
@@ -129,7 +135,7 @@ class Session:
         if watch in done:  # the client left (or sent bad input) while queued, even if a slot came too
             await self._give_up_queued_slot(acquire)
             error = None if watch.cancelled() or watch.exception() else watch.result()
-            await self._reject(error, "bad_input" if error else "left_queue")
+            await self._reject(error, "bad_input" if error else self._guard_reason() or "left_queue")
             return False
         try:
             acquire.result()
@@ -189,7 +195,10 @@ class Session:
             self.record.frames_late = self.handle.frames_silence
 
     def finish(self, reason: str, error: str | None = None) -> None:
-        """End the session (first call wins); ``error`` is sent as kind 5 after the pending output."""
+        """End the session (first call wins); ``error`` is sent as kind 5 after the pending output. A
+        "client_closed" seen after the guard closed the socket takes the guard's reason."""
+        if reason == "client_closed":
+            reason = self._guard_reason() or reason
         if self.end_reason is None:
             self.end_reason = reason
             self.end_error = error
