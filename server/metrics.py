@@ -135,6 +135,7 @@ class SessionRecord:
     frames_dropped_out: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    max_audio_gap_ms: float = 0.0  # longest time between two audio pages sent (includes the client's pauses)
     end_reason: str = "unknown"
 
     def log(self) -> None:
@@ -142,5 +143,6 @@ class SessionRecord:
         fields = asdict(self)
         fields["duration_s"] = round(self.duration_s, 3)
         fields["queued_s"] = round(self.queued_s, 3)
+        fields["max_audio_gap_ms"] = round(self.max_audio_gap_ms, 1)
         session_logger.info("session ended %s", json.dumps(fields, separators=(",", ":")),
                             extra={"session": fields})

@@ -30,6 +30,8 @@ from duplex.server.tick_policy import TickPolicy
 
 logger = logging.getLogger(__name__)
 
+# Steps for backlogged sessions alone use at most this share of the worker's time (docs: tick_policy).
+CATCH_UP_SHARE = 0.8
 MAX_CONSECUTIVE_FAILURES = 3  # failed steps in a row (each followed by an engine reset) before giving up
 
 
@@ -79,7 +81,7 @@ class Scheduler:
         self.batch_size = engine.batch_size
         self.frame_size = engine.frame_size
         self.frame_seconds = self.frame_size / 24000.0
-        self.policy = TickPolicy(self.frame_seconds)
+        self.policy = TickPolicy(self.frame_seconds, catch_up_share=CATCH_UP_SHARE)
         self.masked = _accepts_ready(engine)  # False: an engine without a ready mask (steps silence)
         self.packs = hasattr(engine, "move_slot") and hasattr(engine, "leave")
         if not self.masked:
@@ -289,7 +291,7 @@ class Scheduler:
     def _step(self, tick: Tick):
         start = time.perf_counter()
         output = self.engine.step(tick.pcm, tick.ready) if self.masked else self.engine.step(tick.pcm)
-        self.policy.observe_step(time.perf_counter() - start)
+        self.policy.observe_step(time.perf_counter() - start, end=self.clock(), catch_up=tick.catch_up)
         t = output.timings
         self.metrics.observe_step(t.encode, t.lm, t.decode)
         self.metrics.tick_batch.observe(len(tick.stepped))

@@ -13,6 +13,10 @@ either steps the slots it names or waits at most the time it says. The rules (RE
   but never longer than ``window`` after the oldest ready frame arrived (one step's compute,
   estimated from recent steps). A frame therefore waits at most one step's compute before its
   step starts: either the step running when it arrived, or the coalescing window.
+- Catch-up yields: steps run only for slots that are behind use at most ``catch_up_share`` of the
+  time (after such a step of d seconds, the next one waits d * (1 / share - 1)), so that working off a
+  backlog leaves the CPU and the interpreter to the sockets and Opus of everyone else. An on-time
+  slot's frame never waits for that rest: it steps by the coalescing rule (with the behind slots).
 """
 
 from __future__ import annotations
@@ -44,18 +48,26 @@ class TickDecision:
 class TickPolicy:
     """Decides ticks; keeps a running estimate of one step's compute."""
 
-    def __init__(self, frame_seconds: float = 0.08, initial_step_s: float = 0.0, smoothing: float = 0.2) -> None:
+    def __init__(self, frame_seconds: float = 0.08, initial_step_s: float = 0.0, smoothing: float = 0.2,
+                 catch_up_share: float = 1.0) -> None:
+        if not 0.0 < catch_up_share <= 1.0:
+            raise ValueError(f"catch_up_share must be in (0, 1], got {catch_up_share}")
         self.frame_seconds = frame_seconds
         self.step_estimate = initial_step_s
         self.smoothing = smoothing
+        self.catch_up_share = catch_up_share
+        self.catch_up_not_before = float("-inf")  # the next step for behind slots only may start then
         self._observed = False
 
-    def observe_step(self, seconds: float) -> None:
-        """Record the compute time of a step just run (exponential moving average)."""
+    def observe_step(self, seconds: float, end: float | None = None, catch_up: bool = False) -> None:
+        """Record the compute time of a step just run (exponential moving average); ``end``: when it
+        finished (on the policy's clock), ``catch_up``: whether it was a catch-up step."""
         if not self._observed:
             self.step_estimate, self._observed = seconds, True
         else:
             self.step_estimate += self.smoothing * (seconds - self.step_estimate)
+        if catch_up and end is not None:
+            self.catch_up_not_before = end + seconds * (1.0 / self.catch_up_share - 1.0)
 
     @property
     def window(self) -> float:
@@ -67,9 +79,13 @@ class TickPolicy:
         if not ready:
             return TickDecision()
         step_now = TickDecision(ready=tuple(v.slot for v in ready))
-        if any(self._behind(now, v) for v in ready):
-            return TickDecision(ready=step_now.ready, catch_up=True)
-        deadline = min(v.oldest_arrival if v.oldest_arrival is not None else now for v in ready) + self.window
+        on_time = [v for v in ready if not self._behind(now, v)]
+        if len(on_time) < len(ready):  # someone is behind
+            if now >= self.catch_up_not_before:
+                return TickDecision(ready=step_now.ready, catch_up=True)
+            if not on_time:  # only backlog to work off: rest first
+                return TickDecision(wait_s=self.catch_up_not_before - now)
+        deadline = min(v.oldest_arrival if v.oldest_arrival is not None else now for v in on_time) + self.window
         if now >= deadline or not any(self._due_before(now, v, deadline) for v in slots if v.queued == 0):
             return step_now
         return TickDecision(wait_s=deadline - now)

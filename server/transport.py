@@ -23,6 +23,7 @@ size limit is closed with 1009 but no kind-5 error. The subclasses below close t
 from __future__ import annotations
 
 import logging
+import random
 import re
 import time
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ MAX_REQUEST_HEAD_BYTES = 16 * 1024  # request line + headers; browsers send a fe
 KEEPALIVE_PING_SECONDS = 20.0  # the server's websocket keepalive ping interval
 KEEPALIVE_TIMEOUT_SECONDS = 20.0  # a pong must come within this (unless the server is not reading: see above)
 CLOSE_POLICY = 1008  # websocket close code "policy violation"
+HEAD_DEADLINE_SPREAD = 0.1  # request-head deadlines fall in [0.9, 1] x handshake_seconds
+READ_SLICE_BYTES = 16 * 1024  # bytes of websocket frames parsed per event-loop callback (about 80 messages)
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,10 @@ class DuplexHttpProtocol(H11Protocol):
 
     def _arm_head_timer(self) -> None:
         if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self.limits.handshake_seconds, self._head_timeout)
+            # 90-100 % of the deadline, at random: connections opened in one burst (a flood) do not all
+            # time out in the same event-loop iteration, which would stall every conversation at once.
+            deadline = self.limits.handshake_seconds * (1.0 - HEAD_DEADLINE_SPREAD * random.random())
+            self._head_timer = self.loop.call_later(deadline, self._head_timeout)
 
     def _disarm_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -142,6 +148,7 @@ class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
         self._fragment_timer = None
         self._accept_timer = None
         self._last_data_at = 0.0  # loop time of the last bytes received (keepalive: see keepalive_timeout)
+        self._unparsed = bytearray()  # received bytes waiting for their slice (see data_received)
 
     # ------------------------------------------------------------------ handshake
     def connection_made(self, transport) -> None:
@@ -157,7 +164,31 @@ class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        """Parse at most READ_SLICE_BYTES per loop callback: a client that sent a burst (a file, as fast as
+        it goes) must not hold the event loop for the whole chunk the loop read (up to 256 KiB, a thousand
+        messages), which would stall every other conversation's audio. The rest follows in later callbacks,
+        in order; meanwhile uvicorn's own backpressure (pause_reading) keeps further data in the kernel."""
         self._last_data_at = self.loop.time()
+        if self._unparsed:
+            self._unparsed += data
+            return
+        if len(data) > READ_SLICE_BYTES:
+            self._unparsed = bytearray(data[READ_SLICE_BYTES:])
+            data = data[:READ_SLICE_BYTES]
+            self.loop.call_soon(self._parse_next_slice)
+        self._parse(data)
+
+    def _parse_next_slice(self) -> None:
+        if not self._unparsed or self.transport.is_closing():
+            self._unparsed.clear()
+            return
+        data = bytes(self._unparsed[:READ_SLICE_BYTES])
+        del self._unparsed[:READ_SLICE_BYTES]
+        if self._unparsed:
+            self.loop.call_soon(self._parse_next_slice)
+        self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
         super().data_received(data)
         if not self.handshake_initiated and self.conn.handshake_exc is not None and not self.transport.is_closing():
             # websockets refused the request head (line too long, too many headers) and queued its 414/431
@@ -167,6 +198,10 @@ class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
             self.transport.close()
 
     def connection_lost(self, exc) -> None:
+        if self._unparsed:  # what the client sent before it closed still reaches the app, in order
+            data = bytes(self._unparsed)
+            self._unparsed.clear()
+            super().data_received(data)
         for timer in (self._fragment_timer, self._accept_timer):
             if timer is not None:
                 timer.cancel()

@@ -198,7 +198,7 @@ def test_capacity_reports_lag_and_the_admission_gate():
     admission = Admission(2, 4, accepting=scheduler.accepting)
     settings = SimpleNamespace(max_sessions=2, max_queue=4)
     service = SimpleNamespace(scheduler=scheduler, admission=admission, settings=settings, draining=False,
-                              refusal=lambda: None)
+                              refusal=lambda: None, loop_monitor=SimpleNamespace(worst=lambda: 0.0))
     report = lambda: DuplexService.capacity(service)  # noqa: E731 - the service's /api/capacity on these parts
     service.ready = lambda r=None: DuplexService.ready(service, r)
     first = report()

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from duplex.server.tick_policy import SlotView, TickPolicy
+from duplex.server.tick_policy import SlotView, TickDecision, TickPolicy
 
 F = 0.08  # one frame period
 
@@ -151,3 +151,35 @@ def test_simulated_overload_loses_nothing_and_latency_grows():
     for slot, times in arrivals.items():
         assert [a for a, _ in records[slot]] == times
     assert waits(records, 0)[-1] > waits(records, 0)[5] + 0.5  # behind, and more so over time
+
+
+def test_catch_up_steps_rest_so_that_a_backlog_takes_at_most_its_share():
+    p = TickPolicy(0.08, catch_up_share=0.8)
+    backlog = SlotView(slot=0, queued=50, oldest_arrival=0.0, last_arrival=0.0)
+    assert p.decide(1.0, [backlog]).catch_up  # behind: step at once
+    p.observe_step(0.04, end=1.04, catch_up=True)  # a 40 ms catch-up step: then rest 10 ms
+    assert p.decide(1.04, [backlog]) == TickDecision(wait_s=pytest.approx(0.01))
+    assert p.decide(1.0501, [backlog]).catch_up
+    # an on-time neighbour's frame does not wait for the rest: it steps by the coalescing rule, with the backlog
+    fresh = SlotView(slot=1, queued=1, oldest_arrival=1.04, last_arrival=1.04)
+    p.observe_step(0.04, end=1.04, catch_up=True)
+    decision = p.decide(1.04 + p.window, [backlog, fresh])
+    assert decision.ready == (0, 1)
+    with pytest.raises(ValueError, match="catch_up_share"):
+        TickPolicy(0.08, catch_up_share=0.0)
+
+
+def test_the_catch_up_share_bounds_the_work_off_rate_in_simulation():
+    """A 100-frame backlog at 40 ms a step with share 0.8: worked off in about 100 * 40 / 0.8 ms."""
+    p = TickPolicy(0.08, catch_up_share=0.8)
+    now, queued, steps = 0.0, 100, 0
+    while queued:
+        view = SlotView(slot=0, queued=queued, oldest_arrival=0.0, last_arrival=0.0)
+        decision = p.decide(now, [view])
+        if not decision.ready:
+            now += decision.wait_s
+            continue
+        now += 0.04
+        p.observe_step(0.04, end=now, catch_up=decision.catch_up)
+        queued, steps = queued - 1, steps + 1
+    assert steps == 100 and now == pytest.approx(100 * 0.04 / 0.8, rel=0.02)

@@ -17,6 +17,7 @@ decoding: a 150-byte page can otherwise carry seconds of audio).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 
@@ -38,6 +39,9 @@ RECEIVE_BUFFER_FRAMES = 250  # (kept for older imports; the receive buffer is bo
 MAX_THROTTLED_SECONDS = 15.0
 MAX_DECODED_SECONDS_PER_MESSAGE = 2.0  # a client sends one 80 ms frame per message
 MAX_HEADER_PAGES = 4  # header pages kept while queued (a stream has 2)
+# A queue with messages waiting returns them without yielding to the event loop: the loops below yield every
+# this many messages, so that one client's burst cannot hold the loop (and stall the others' audio).
+YIELD_EVERY_MESSAGES = 8
 
 
 class Inbound:
@@ -104,10 +108,12 @@ class Inbound:
 
     async def read_while_queued(self) -> str | None:
         """Until the client disconnects (None) or breaks the protocol (the error): read its messages."""
-        while True:
+        for count in itertools.count(1):
             message = await self.session.ws.receive()
             if message["type"] == "websocket.disconnect":
                 return None
+            if count % YIELD_EVERY_MESSAGES == 0:
+                await asyncio.sleep(0)
             try:
                 parsed = self.parse(message)
                 if parsed.kind is MessageKind.AUDIO:
@@ -119,12 +125,16 @@ class Inbound:
         """The reader: socket -> receive buffer, until the client leaves or breaks the protocol."""
         session = self.session
         try:
-            while not session.done.is_set():
+            for count in itertools.count(1):
+                if session.done.is_set():
+                    return
                 message = await session.ws.receive()
                 if message["type"] == "websocket.disconnect":
                     session.finish("client_closed")
                     return
                 await self.on_message(message)
+                if count % YIELD_EVERY_MESSAGES == 0:
+                    await asyncio.sleep(0)
         except ProtocolError as exc:
             session.finish("bad_input", str(exc))
         except Exception:  # noqa: BLE001 - a broken socket ends only this session
@@ -156,7 +166,9 @@ class Inbound:
         """The feeder: receive buffer -> decode -> 80 ms frames -> scheduler inbox (waits while it is full)."""
         session = self.session
         try:
-            while True:
+            for count in itertools.count(1):
+                if count % YIELD_EVERY_MESSAGES == 0:
+                    await asyncio.sleep(0)
                 ogg, arrived, seconds = await self.received.get()
                 self.received_bytes -= len(ogg)
                 self.received_seconds -= seconds

@@ -47,6 +47,7 @@ class Outbound:
         self.transport = find_transport(session.ws)
         self.bytes_written = 0  # websocket bytes handed to the transport (payload + frame header)
         self.pages_in_flight: deque[int] = deque()  # end offset of each audio page sent, maybe unread
+        self.last_audio_sent: float | None = None  # perf_counter() when the last audio page was sent
 
     def record_written(self, data: bytes) -> None:
         """Count one message handed to the transport (the websocket header of a server frame: 2-10 bytes)."""
@@ -117,6 +118,8 @@ class Outbound:
                 logger.debug("session %s: send failed", self.session.id, exc_info=True)
                 on_gone()
                 return
+            if data[0] == MessageKind.AUDIO:
+                self._note_audio_sent()
             if frames:
                 self.frames_unsent -= frames
                 self.session.record.frames_out += frames
@@ -125,6 +128,13 @@ class Outbound:
                 sent = time.perf_counter()
                 for arrived in arrivals:
                     self.service.metrics.observe_frame_latency(sent - arrived)
+
+    def _note_audio_sent(self) -> None:
+        now = time.perf_counter()
+        if self.last_audio_sent is not None:
+            record = self.session.record
+            record.max_audio_gap_ms = max(record.max_audio_gap_ms, 1000 * (now - self.last_audio_sent))
+        self.last_audio_sent = now
 
     async def flush(self, sender: asyncio.Future, flush: bool) -> None:
         """Let the sender flush the outbox (bounded by drain_seconds) unless ``flush`` is False, then stop it
