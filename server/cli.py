@@ -83,6 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serving.add_argument("--max-sessions", type=bounded(int, 1, 4096), default=defaults.max_sessions,
                          help="conversations served at once = batch size of the model step "
                          f"(default: {defaults.max_sessions})")
+    serving.add_argument("--min-step-rows", type=bounded(int, 1, 4096), default=None, metavar="N",
+                         help="the fewest rows a batched model step computes (default: 4 with more than one "
+                         "session, which makes every answer bit-identical whoever its neighbours are; 1 = "
+                         "cheapest for one or two sessions on a CPU, where answers may then differ in the last "
+                         "bits with the number of sessions)")
     serving.add_argument("--max-queue", type=bounded(int, 0, 100_000), default=defaults.max_queue,
                          help="clients that may wait for a free slot; beyond, a new client gets a "
                          f"'busy' error (default: {defaults.max_queue}; 0 = no queue)")
@@ -151,7 +156,8 @@ def settings_from_args(args: argparse.Namespace, environ=os.environ) -> ServerSe
     extra = {"instance_name": args.instance_name} if getattr(args, "instance_name", None) else {}
     defaults = ServerSettings()
     return ServerSettings(
-        max_sessions=args.max_sessions, max_queue=args.max_queue, max_session_seconds=args.max_session_seconds,
+        max_sessions=args.max_sessions, min_step_rows=getattr(args, "min_step_rows", None),
+        max_queue=args.max_queue, max_session_seconds=args.max_session_seconds,
         max_lag_ms=args.max_lag_ms, hard_lag_ms=args.hard_lag_ms, torch_threads=getattr(args, "threads", None) or default_threads(),
         api_keys=api_keys_from(args, environ), allowed_origins=origins,
         max_client_connections=getattr(args, "max_client_connections", defaults.max_client_connections),

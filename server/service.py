@@ -26,6 +26,9 @@ class ServerSettings:
     """Tunables of one server (the `duplex serve` flags)."""
 
     max_sessions: int = 4  # batch slots
+    # The fewest rows a model step computes (None: the engine's default, 4 with more than one slot, which makes
+    # every answer independent of its neighbours; 1 = cheapest on CPUs, answers may differ in the last bits).
+    min_step_rows: int | None = None
     max_queue: int = 16  # clients allowed to wait for a slot
     max_session_seconds: float = 0.0  # 0 = no limit
     max_lag_ms: float = 1000.0  # admission waits while a session runs this far behind real time (0 = never)
@@ -55,6 +58,8 @@ class ServerSettings:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.min_step_rows is not None and self.min_step_rows < 1:
+            raise ValueError(f"min_step_rows must be >= 1, got {self.min_step_rows}")
         for name, low in (("max_sessions", 1), ("max_queue", 0), ("inbox_frames", 1), ("outbox_frames", 1),
                           ("max_message_bytes", 1), ("max_client_connections", 0)):
             if getattr(self, name) < low:
@@ -72,7 +77,7 @@ class DuplexService:
         self.metrics = ServerMetrics()
         self.defaults = dict(models.lm_gen_defaults)
         self.engine = engine or DuplexEngine(models.mimi, models.lm, settings.max_sessions, self.defaults,
-                                             device=models.device)
+                                             device=models.device, min_rows=settings.min_step_rows)
         self.scheduler = Scheduler(self.engine, self.metrics, inbox_frames=settings.inbox_frames,
                                    torch_threads=settings.torch_threads, max_lag_s=settings.max_lag_ms / 1000.0,
                                    hard_lag_s=settings.hard_lag_ms / 1000.0)

@@ -25,6 +25,21 @@ def test_serve_defaults_and_settings():
         (8, 0, 300.0, 2)
 
 
+def test_min_step_rows_reaches_the_engine(fixtures_dir, tiny_tokenizer_path):
+    from server_harness import load_tiny_models
+
+    from duplex.server.service import DuplexService, ServerSettings
+
+    assert cli.settings_from_args(parse([])).min_step_rows is None
+    assert cli.settings_from_args(parse(["--min-step-rows", "1"])).min_step_rows == 1
+    models = load_tiny_models(fixtures_dir, tiny_tokenizer_path)
+    default = DuplexService(models, ServerSettings(max_sessions=3))
+    cheapest = DuplexService(models, ServerSettings(max_sessions=3, min_step_rows=1))
+    assert default.engine.buckets == (4,) and cheapest.engine.buckets == (1, 2, 3)
+    with pytest.raises(ValueError, match="min_step_rows must be >= 1"):
+        ServerSettings(min_step_rows=0)
+
+
 def test_lag_bounds_and_the_deprecated_grace_flag(caplog):
     settings = cli.settings_from_args(parse(["--max-lag-ms", "250", "--hard-lag-ms", "0"]))
     assert (settings.max_lag_ms, settings.hard_lag_ms) == (250.0, 0.0)
