@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_RATE = 24000
-FRAME_SIZE = 1920  # 80 ms at 24 kHz: one model step
+from duplex.server import protocol
+
+SAMPLE_RATE = protocol.SAMPLE_RATE
+FRAME_SIZE = protocol.FRAME_SIZE  # 80 ms at 24 kHz: one model step
 ZERO_CROSSINGS = 16  # filter half-width, in periods of the lower of the two rates
 KAISER_BETA = 8.6
 CUTOFF = 0.95  # fraction of the lower Nyquist frequency kept

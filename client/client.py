@@ -30,8 +30,8 @@ from duplex.server.protocol import MessageKind
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE = 24000
-FRAME_SIZE = 1920
+SAMPLE_RATE = protocol.SAMPLE_RATE
+FRAME_SIZE = protocol.FRAME_SIZE
 
 
 class ServerError(Exception):

@@ -28,9 +28,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from duplex.server import protocol
+
 logger = logging.getLogger(__name__)
 
-FRAME = 1920
+FRAME = protocol.FRAME_SIZE
 FRAME_SECONDS = 0.08
 
 
@@ -172,7 +174,7 @@ def bench_audio(path: Path | None, seconds: float) -> np.ndarray:
 
     pcm, rate = sphn.read(str(path))
     mono = np.asarray(pcm, dtype=np.float32).mean(axis=0)
-    if rate != 24000:
+    if rate != protocol.SAMPLE_RATE:
         mono = sphn.resample(mono, src_sample_rate=rate, dst_sample_rate=24000)
     return np.resize(mono, frames * FRAME).astype(np.float32)
 

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-FRAME = 1920
+from duplex.server import protocol
+
+FRAME = protocol.FRAME_SIZE
 FRAME_SECONDS = 0.08
 
 

@@ -27,11 +27,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from duplex.server.protocol import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE  # noqa: F401 - re-exported
+
 logger = logging.getLogger(__name__)
 
-FRAME_SIZE = 1920  # samples per 80 ms frame at 24 kHz
-SAMPLE_RATE = 24000
-FRAME_RATE = 12.5
 SAMPLING_FIELDS = ("use_sampling", "temp", "temp_text", "top_k", "top_k_text")
 SEED_FIELDS = ("seed", "text_seed", "audio_seed")
 # The fewest rows a step computes. A matmul with fewer than 4 rows, and a convolution of batch 1, take other

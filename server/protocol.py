@@ -29,6 +29,10 @@ from enum import IntEnum
 from typing import Any, Collection, Mapping
 
 PROTOCOL_VERSION = 0
+# The audio on the wire, both ways: 24 kHz mono Ogg/Opus, cut by the server into 80 ms model frames.
+SAMPLE_RATE = 24000
+FRAME_SIZE = 1920  # samples per 80 ms frame: one model step
+FRAME_RATE = SAMPLE_RATE / FRAME_SIZE  # 12.5 steps per second
 MODEL_VERSION = 0
 # A 80 ms Opus page is a few hundred bytes; anything near this size is not a sane audio message. The one
 # message-size limit of the server: the transport (uvicorn's ws_max_size) and the session use it.
