@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +19,33 @@ from duplex.client.bench_support import ServerThread
 from duplex.server.service import ServerSettings
 
 FRAME = 1920
+
+
+def spawn_serve(*args: str, wait_s: float = 60.0) -> tuple[subprocess.Popen, int, list[str]]:
+    """`python -m duplex.cli serve ARGS` on a free loopback port (give "--port", "0"): the process, the port it
+    logged, and its log lines (read on, in a thread). Fails the test, with the log, when it does not start."""
+    import pytest
+
+    argv = [sys.executable, "-m", "duplex.cli", "serve", *args]
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
+    port: list[int] = []
+    found = threading.Event()
+
+    def read_log() -> None:
+        for line in process.stderr:
+            lines.append(line)
+            match = re.search(r"duplex listening on \S+ port (\d+)", line)
+            if match and not port:
+                port.append(int(match.group(1)))
+                found.set()
+        found.set()
+
+    threading.Thread(target=read_log, daemon=True).start()
+    if not found.wait(wait_s) or not port:
+        process.kill()
+        pytest.fail("duplex serve did not start:\n" + "".join(lines))
+    return process, port[0], lines
 
 
 def load_tiny_models(fixtures_dir: Path, tokenizer_path: Path):

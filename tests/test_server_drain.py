@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
+
+from server_harness import spawn_serve
 
 from duplex.client.client import AudioEvent, DuplexClient, ErrorEvent, ServerError
 
@@ -27,26 +25,8 @@ class DemoServer:
     """`duplex serve --demo` on a free loopback port; always killed at exit."""
 
     def __init__(self, *extra: str) -> None:
-        argv = [sys.executable, "-m", "duplex.cli", "serve", "--demo", "--host", "127.0.0.1", "--port", "0",
-                "--threads", "1", "--device", "cpu", *extra]
-        self.process = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        self.lines: list[str] = []
-        found, port = threading.Event(), []
-
-        def read_log() -> None:
-            for line in self.process.stderr:
-                self.lines.append(line)
-                match = re.search(r"duplex listening on \S+ port (\d+)", line)
-                if match and not port:
-                    port.append(int(match.group(1)))
-                    found.set()
-            found.set()
-
-        threading.Thread(target=read_log, daemon=True).start()
-        if not found.wait(90) or not port:
-            self.process.kill()
-            pytest.fail("duplex serve --demo did not start:\n" + "".join(self.lines))
-        self.port = port[0]
+        self.process, self.port, self.lines = spawn_serve(
+            "--demo", "--host", "127.0.0.1", "--port", "0", "--threads", "1", "--device", "cpu", *extra, wait_s=90)
 
     @property
     def url(self) -> str:

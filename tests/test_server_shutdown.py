@@ -3,45 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import subprocess
-import sys
-import threading
 
 import pytest
-from server_harness import synth_audio
+from server_harness import spawn_serve, synth_audio
 
 from duplex.client.client import DuplexClient, ErrorEvent
 
 
 def start_server(fixtures_dir, tokenizer, *extra: str) -> tuple[subprocess.Popen, int, list[str]]:
     """`duplex serve` with the tiny models on any free port; returns the process, its port, its log lines."""
-    argv = [sys.executable, "-m", "duplex.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+    argv = ["--host", "127.0.0.1", "--port", "0",
             "--moshi-weight", str(fixtures_dir / "lm_tiny/model.safetensors"),
             "--config", str(fixtures_dir / "lm_tiny/config.json"),
             "--mimi-weight", str(fixtures_dir / "mimi_tiny/model.safetensors"),
             "--mimi-config", str(fixtures_dir / "mimi_tiny/config.json"),
             "--tokenizer", str(tokenizer), "--device", "cpu", "--threads", "1", "--max-sessions", "1", *extra]
-    process = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    lines: list[str] = []
-    port: list[int] = []
-    found = threading.Event()
-
-    def read_log() -> None:
-        for line in process.stderr:
-            lines.append(line)
-            match = re.search(r"duplex listening on \S+ port (\d+)", line)
-            if match and not port:
-                port.append(int(match.group(1)))
-                found.set()
-        found.set()
-
-    threading.Thread(target=read_log, daemon=True).start()
-    if not found.wait(60) or not port:
-        process.kill()
-        pytest.fail("duplex serve did not start:\n" + "".join(lines))
-    return process, port[0], lines
+    return spawn_serve(*argv)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
