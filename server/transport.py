@@ -179,8 +179,9 @@ class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
         self._parse(data)
 
     def _parse_next_slice(self) -> None:
-        if not self._unparsed or self.transport.is_closing():
-            self._unparsed.clear()
+        # Even when the transport is closing (the client's FIN closes it at once): what the client sent before
+        # reaches the app, in order (connection_lost parses whatever is left).
+        if not self._unparsed:
             return
         data = bytes(self._unparsed[:READ_SLICE_BYTES])
         del self._unparsed[:READ_SLICE_BYTES]

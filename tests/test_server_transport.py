@@ -337,6 +337,7 @@ def test_a_burst_sent_in_one_write_is_parsed_in_slices_fully_and_in_order(server
     before = counter._value.get()
     ws = session(server)
     ws.send(b"".join(frame(OP_BINARY, m) for m in messages) + frame(OP_CLOSE, (1000).to_bytes(2, "big")))
+    ws.sock.shutdown(socket.SHUT_WR)  # and the TCP end at once: what it sent before must still arrive
     data = ws.read_all(timeout=10)
     ws.close()
     errors, _ = errors_and_close(data)
