@@ -14,7 +14,7 @@ import torch
 
 from ..codec.config import MimiConfig
 from .config import LMConfig
-from .devices import resolve_device
+from .devices import device_from_flags
 from .generate import LMGen, LMGenState
 from .lm import LMModel
 
@@ -60,13 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        device = resolve_device(args.device)
+        device = device_from_flags(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         config = LMConfig.from_kyutai(args.config) if args.config else preset(
             args.preset or ("7b" if device.type == "cuda" else "300m"))

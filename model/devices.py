@@ -16,3 +16,12 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
     return device
+
+
+def device_from_flags(args) -> torch.device:
+    """A command's ``--device`` (see resolve_device; ValueError for an unusable one), with its ``--threads``
+    (when given) applied to torch's CPU threads."""
+    device = resolve_device(getattr(args, "device", None))
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return device

@@ -17,7 +17,7 @@ import torch
 
 from .bench import build_random_lm, measure, preset
 from .config import LMConfig
-from .devices import resolve_device
+from .devices import device_from_flags
 from .lora import LoRAAdapter, LoRAConfig, linear_targets
 from .lora_multi import attach_adapters, detach_adapters
 
@@ -46,9 +46,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _setup(args: argparse.Namespace):
-    device = resolve_device(args.device)  # ValueError for an unusable one
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = device_from_flags(args)  # ValueError for an unusable one
     config = LMConfig.from_kyutai(args.config) if args.config else preset(args.preset)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return config, device, dtype

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from duplex.model.devices import resolve_device
+from duplex.model.devices import device_from_flags
 
 from .engine import DuplexEngine, SlotSampling
 
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        device = resolve_device(args.device)
+        device = device_from_flags(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -55,8 +55,6 @@ def main(args: argparse.Namespace) -> int:
     if bad or args.steps < 1 or args.warmup < 0:
         print(f"error: --active values must lie in 1..{args.slots}, --steps >= 1, --warmup >= 0", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         mimi, lm = load_models(args.models, args.fixtures, device)
     except (OSError, ValueError) as err:
