@@ -27,6 +27,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "server": ("duplex.client.bench_server", "one real-time client over loopback: per-frame latency"),
     "serve": ("duplex.server.bench_serve", "N concurrent real-time clients: batched tick latency"),
     "engine": ("duplex.server.bench_engine", "engine step cost with few active slots on a big engine"),
+    "engine-process": ("duplex.server.bench_engine_process",
+                       "model step wall time, engine in the server's process vs a child, idle vs busy interpreter"),
     "lora": ("duplex.model.lora_bench", "a batch of slots on several LoRA adapters against the base model"),
     "finetune": ("duplex.model.finetune_bench", "one LoRA training step (forward, backward, AdamW)"),
 }

@@ -114,6 +114,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="name reported to clients in the session metadata (default: the host name)")
     serving.add_argument("--web-dir", type=Path, default=None,
                          help="folder of the web UI served at / (default: the package's client/web)")
+    serving.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                         help="load the models and run the model steps in a child process, so that the event "
+                         "loop (sockets, Opus) and the model do not share one interpreter lock: a busy loop then "
+                         "cannot slow the steps (default: on; --no-engine-process runs them in a thread)")
     serving.add_argument("--demo", action="store_true",
                          help="serve tiny random models built in memory instead of real ones (no files, no "
                          "download; the model speaks noise): try the page and the API anywhere")
@@ -181,12 +185,32 @@ def ssl_files(directory: str | None) -> tuple[str | None, str | None]:
     return str(cert), str(key)
 
 
+def load_for_serving(args: argparse.Namespace, settings: ServerSettings):
+    """(models, engine): a ProcessEngine and the RemoteModels it reports with --engine-process, else the
+    models loaded here (engine None: the service builds a DuplexEngine driven by a thread)."""
+    if getattr(args, "engine_process", False):
+        from duplex.server.engine_process import EngineSpec, ProcessEngine
+
+        spec = EngineSpec(batch_size=settings.max_sessions, model_args=EngineSpec.model_flags(args),
+                          demo=settings.demo, min_rows=settings.min_step_rows, torch_threads=settings.torch_threads,
+                          log_level=args.log_level)
+        engine = ProcessEngine(spec)
+        return engine.models, engine
+    from duplex.bundle_args import load_models
+    from duplex.model.quant_cli import log_kv_capacity
+    from duplex.server.demo import build_demo_models
+
+    models = build_demo_models() if settings.demo else load_models(args)
+    log_kv_capacity(models.lm, models.device)
+    return models, None
+
+
 def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from duplex.server.app import GracefulServer, create_app
-    from duplex.bundle_args import ModelSourceError, load_models
-    from duplex.server.demo import build_demo_models
+    from duplex.bundle_args import ModelSourceError
+    from duplex.server.engine_process import EngineProcessDied, EngineStartError
 
     logging.getLogger().setLevel(args.log_level.upper())
     try:
@@ -196,14 +220,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"duplex serve: {exc}", file=sys.stderr)
         return 2
     try:
-        models = build_demo_models() if settings.demo else load_models(args)
-    except ModelSourceError as exc:
+        models, engine = load_for_serving(args, settings)
+    except (ModelSourceError, EngineStartError, EngineProcessDied) as exc:
         print(f"duplex serve: {exc}", file=sys.stderr)
         return 1
-    from duplex.model.quant_cli import log_kv_capacity
-
-    log_kv_capacity(models.lm, models.device)
-    app = create_app(models, settings, web_dir=args.web_dir)
+    app = create_app(models, settings, engine=engine, web_dir=args.web_dir)
     config = uvicorn.Config(app, host=args.host, port=args.port, ssl_certfile=certfile, ssl_keyfile=keyfile,
                             log_level=args.log_level, ws="websockets-sansio", lifespan="on")
     if args.port:

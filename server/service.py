@@ -144,6 +144,9 @@ class DuplexService:
         while (self.sessions or self.admission.active) and loop.time() < deadline:
             await asyncio.sleep(0.05)
         await asyncio.to_thread(self.scheduler.stop)
+        close_engine = getattr(self.engine, "close", None)  # a ProcessEngine: its child exits
+        if close_engine is not None:
+            await asyncio.to_thread(close_engine)
         await self.loop_monitor.stop()
 
     # ------------------------------------------------------------------ capacity (load balancers)
@@ -228,7 +231,8 @@ class DuplexService:
         """The LoRA adapters a session may choose (query parameter adapter=NAME)."""
         from duplex.model.lora_cli import adapter_names
 
-        return adapter_names(getattr(self.models, "lm", None))
+        reported = getattr(self.models, "adapter_names", None)  # RemoteModels: the engine process's
+        return list(reported) if reported is not None else adapter_names(getattr(self.models, "lm", None))
 
     def info(self) -> dict:
         """GET /api/info."""

@@ -36,6 +36,7 @@ from websockets.exceptions import PayloadTooBig
 from websockets.frames import Frame, Opcode
 
 from duplex.server import protocol
+from duplex.server.log_filters import FloodLogFilter, RedactQueryFilter, redact_query  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +216,10 @@ class DuplexWebSocketProtocol(WebSocketsSansIOProtocol):
                 self._accept_timer.cancel()
                 self._accept_timer = None
         await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
+            # A refusal by HTTP response (401/403/429/503) ends the handshake as a close does: without this
+            # uvicorn logs "ASGI callable returned without completing handshake." at ERROR for every one.
+            self.handshake_complete = True
 
     # ------------------------------------------------------------------ messages
     def handle_text(self, event: Frame) -> None:
@@ -338,30 +343,6 @@ def harden_config(config, limits: TransportLimits, counter=None) -> None:
     config.server_header = False  # no "server: uvicorn"
     for name in ("uvicorn.access", "uvicorn.error"):
         log = logging.getLogger(name)
-        if not any(isinstance(f, RedactQueryFilter) for f in log.filters):
-            log.addFilter(RedactQueryFilter())
-
-
-SECRET_HEADERS = ("authorization", "cookie", "proxy-authorization")
-SECRET_PARAMS = ("api_key", "key", "token", "access_token", "auth", "password")
-_SECRET = re.compile(r"([?&](?:%s)=)[^&\s\"']*" % "|".join(SECRET_PARAMS), re.IGNORECASE)
-
-
-def redact_query(text: str) -> str:
-    """``text`` with the values of secret query parameters (api_key=...) replaced by ``***``."""
-    return _SECRET.sub(r"\1***", text)
-
-
-class RedactQueryFilter(logging.Filter):
-    """Rewrites log records so that no API key in a query string reaches the log."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and record.args:
-            args = [redact_query(a) if isinstance(a, str) else a for a in record.args]
-            for i in range(len(args) - 1):  # websockets' debug log of headers: ("< %s: %s", name, value)
-                if isinstance(args[i], str) and args[i].lower() in SECRET_HEADERS:
-                    args[i + 1] = "***"
-            record.args = tuple(args)
-        elif isinstance(record.msg, str):
-            record.msg = redact_query(record.msg)
-        return True
+        for kind in (RedactQueryFilter, FloodLogFilter):
+            if not any(isinstance(f, kind) for f in log.filters):
+                log.addFilter(kind())

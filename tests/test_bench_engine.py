@@ -19,3 +19,11 @@ def test_bench_engine_refuses_cuda_options_on_cpu(capsys):
     assert main(["bench", "engine", "--device", "cpu", "--check"]) == 2
     assert "need a CUDA device" in capsys.readouterr().err
     assert main(["bench", "engine", "--active", "0"]) == 2
+
+
+def test_bench_engine_process_prints_thread_and_process_rows(capsys):
+    code = main(["bench", "engine-process", "--sessions", "2", "--steps", "2", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = [line.split()[:2] for line in out.splitlines() if line.startswith(("thread", "process"))]
+    assert rows == [["thread", "idle"], ["thread", "busy"], ["process", "idle"], ["process", "busy"]]

@@ -113,8 +113,11 @@ def test_origin_own_host_and_configured_lists():
     assert origin_allowed("null", None, ("*",))
 
 
-def test_a_foreign_origin_is_refused_with_403_before_any_session(models):
+def test_a_foreign_origin_is_refused_with_403_before_any_session(models, caplog, capfd):
+    import logging
+
     with live_server(models) as server:
+        caplog.set_level(logging.INFO, logger="uvicorn.error")
         for origin in ("https://evil.example", "null", "http://localhost.evil.example"):
             assert upgrade_status(server, headers={"Origin": origin}).startswith("HTTP/1.1 403"), origin
         assert upgrade_status(server, headers={"Origin": f"http://127.0.0.1:{server.port}"}).startswith(
@@ -122,6 +125,9 @@ def test_a_foreign_origin_is_refused_with_403_before_any_session(models):
         assert upgrade_status(server).startswith("HTTP/1.1 101")  # no Origin: a CLI client
         assert refused(server, "forbidden_origin") == 3
         assert server.service.metrics.sessions_ended.labels("client_closed")._value.get() <= 2
+    logged = capfd.readouterr().err + caplog.text
+    assert logged.count('"WebSocket /api/chat" 403') == 3  # one line per refusal, and no error with it
+    assert "without completing handshake" not in logged and "connection rejected" not in logged
 
 
 # ---------------------------------------------------------------------------------------- per-client limits

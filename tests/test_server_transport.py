@@ -347,3 +347,24 @@ def test_a_burst_sent_in_one_write_is_parsed_in_slices_fully_and_in_order(server
         time.sleep(0.02)
     assert counter._value.get() == before + sum(map(len, messages))
     assert slices, "the burst was never sliced (no read larger than READ_SLICE_BYTES?)"
+
+
+def test_a_refusal_flood_logs_a_few_lines_and_a_summary(caplog):
+    """Per status, REFUSALS_LOGGED lines a window, then one summary; websockets' duplicate lines are dropped."""
+    from duplex.server import log_filters
+
+    now = [0.0]
+    flood = log_filters.FloodLogFilter(clock=lambda: now[0])
+
+    def record(msg, *args):
+        return logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, msg, args, None)
+
+    kept = [flood.filter(record(log_filters.UVICORN_WS_STATUS, "1.2.3.4:5", "/api/chat", 429)) for _ in range(50)]
+    assert kept == [True] * log_filters.REFUSALS_LOGGED + [False] * (50 - log_filters.REFUSALS_LOGGED)
+    assert flood.filter(record(log_filters.UVICORN_WS_STATUS, "1.2.3.4:5", "/api/chat", 403))  # its own budget
+    assert not flood.filter(record("connection rejected (%d %s)", 429, "Too Many Requests"))
+    assert flood.filter(record('%s - "WebSocket %s" [accepted]', "1.2.3.4:5", "/api/chat"))
+    now[0] = log_filters.REFUSAL_WINDOW_S + 1
+    with caplog.at_level(logging.WARNING, logger="duplex.server.log_filters"):
+        assert flood.filter(record(log_filters.UVICORN_WS_STATUS, "1.2.3.4:5", "/api/chat", 429))
+    assert "40 more websocket refusals with status 429" in caplog.text
