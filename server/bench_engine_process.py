@@ -15,12 +15,10 @@ import threading
 import time
 
 import numpy as np
-import torch
-
 from duplex.bundle_args import add_model_arguments
 
-from .engine import FRAME_SIZE, DuplexEngine
-from .engine_process import EngineSpec, ProcessEngine
+from .engine import FRAME_SIZE
+from .engine_process import EngineSpec, ProcessEngine, build_engine
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +40,7 @@ def main(args: argparse.Namespace) -> int:
     spec = EngineSpec(batch_size=args.sessions, model_args=EngineSpec.model_flags(args), demo=not args.real,
                       torch_threads=args.threads, log_level="WARNING")
     try:
-        engines = {"thread": local_engine(spec, args), "process": ProcessEngine(spec)}
+        engines = {"thread": build_engine(spec)[1], "process": ProcessEngine(spec)}
     except Exception as exc:  # noqa: BLE001 - a model that cannot load: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -57,20 +55,6 @@ def main(args: argparse.Namespace) -> int:
     finally:
         engines["process"].close()
     return 0
-
-
-def local_engine(spec: EngineSpec, args: argparse.Namespace) -> DuplexEngine:
-    torch.set_num_threads(spec.torch_threads)
-    if spec.demo:
-        from .demo import build_demo_models
-
-        models = build_demo_models()
-    else:
-        from duplex.bundle_args import load_models
-
-        models = load_models(args)
-    return DuplexEngine(models.mimi, models.lm, spec.batch_size, dict(models.lm_gen_defaults),
-                        device=models.device)
 
 
 def timed_steps(engine, sessions: int, steps: int, warmup: int, busy: bool) -> list[float]:

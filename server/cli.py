@@ -186,23 +186,16 @@ def ssl_files(directory: str | None) -> tuple[str | None, str | None]:
 
 
 def load_for_serving(args: argparse.Namespace, settings: ServerSettings):
-    """(models, engine): a ProcessEngine and the RemoteModels it reports with --engine-process, else the
-    models loaded here (engine None: the service builds a DuplexEngine driven by a thread)."""
-    if getattr(args, "engine_process", False):
-        from duplex.server.engine_process import EngineSpec, ProcessEngine
+    """(models, engine): with --engine-process a ProcessEngine and the RemoteModels it reports, else the models
+    and a DuplexEngine built here (driven by the scheduler's thread)."""
+    from duplex.server.engine_process import EngineSpec, ProcessEngine, build_engine
 
-        spec = EngineSpec(batch_size=settings.max_sessions, model_args=EngineSpec.model_flags(args),
-                          demo=settings.demo, min_rows=settings.min_step_rows, torch_threads=settings.torch_threads,
-                          log_level=args.log_level)
+    spec = EngineSpec(batch_size=settings.max_sessions, model_args=EngineSpec.model_flags(args), demo=settings.demo,
+                      min_rows=settings.min_step_rows, torch_threads=settings.torch_threads, log_level=args.log_level)
+    if getattr(args, "engine_process", False):
         engine = ProcessEngine(spec)
         return engine.models, engine
-    from duplex.bundle_args import load_models
-    from duplex.model.quant_cli import log_kv_capacity
-    from duplex.server.demo import build_demo_models
-
-    models = build_demo_models() if settings.demo else load_models(args)
-    log_kv_capacity(models.lm, models.device)
-    return models, None
+    return build_engine(spec)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -238,7 +238,7 @@ def serve_engine(conn, spec: EngineSpec, parent_pid: int) -> None:
     logging.basicConfig(level=spec.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
     try:
-        models, engine = _build(spec)
+        models, engine = build_engine(spec)
     except Exception as exc:  # noqa: BLE001 - reported to the server as the reason it cannot start
         logger.debug("building the engine failed", exc_info=True)
         conn.send(("failed", _start_failure(exc)))
@@ -278,7 +278,8 @@ def _step(engine, buffer: np.ndarray, pcm: np.ndarray, ready: np.ndarray) -> Ste
                       timings=output.timings, rows=output.rows)
 
 
-def _build(spec: EngineSpec):
+def build_engine(spec: EngineSpec):
+    """(models, DuplexEngine) as the spec says, in this process: the child's work, and --no-engine-process's."""
     import argparse
 
     import torch
