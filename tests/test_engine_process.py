@@ -180,3 +180,25 @@ def test_serve_in_one_process_is_still_available():
     finally:
         process.kill()
         process.wait(10)
+
+
+def test_model_files_and_adapters_load_in_the_child(fixtures_dir, tiny_tokenizer_path):
+    """The `duplex serve` model flags reach the child: the tiny fixtures with a LoRA adapter, reported by name."""
+    spec = EngineSpec(batch_size=2, torch_threads=1, model_args={
+        "moshi_weight": str(fixtures_dir / "lm_tiny" / "model.safetensors"),
+        "mimi_weight": str(fixtures_dir / "mimi_tiny" / "model.safetensors"),
+        "config": str(fixtures_dir / "lm_tiny" / "config.json"),
+        "mimi_config": str(fixtures_dir / "mimi_tiny" / "config.json"),
+        "tokenizer": str(tiny_tokenizer_path), "device": "cpu",
+        "adapter": [f"tiny={fixtures_dir / 'lm_tiny_lora'}"]})
+    engine = ProcessEngine(spec)
+    try:
+        assert engine.models.adapter_names == ["tiny"]
+        assert engine.models.tokenizer.vocab_size > 0
+        engine.join(0, SlotSampling(adapter="tiny"))
+        with pytest.raises(UnknownAdapterError, match="nope"):
+            engine.join(1, SlotSampling(adapter="nope"))
+        out = engine.step(np.zeros((2, FRAME_SIZE), np.float32), np.array([True, False]))
+        assert out.pcm.shape == (2, FRAME_SIZE)
+    finally:
+        engine.close()
