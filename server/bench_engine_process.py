@@ -29,7 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real", action="store_true",
                         help="load the models the model flags name (as `duplex serve` does); default: the "
                              "tiny random demo models of `duplex serve --demo`")
-    parser.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
     add_model_arguments(parser)
 
 
@@ -51,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
             for busy in (False, True):
                 times = timed_steps(engine, args.sessions, args.steps, args.warmup, busy)
                 print(f"{name:<9}{'busy' if busy else 'idle':<13}{statistics.median(times):8.1f}"
-                      f"{percentile(times, 95):8.1f}{max(times):8.1f}")
+                      f"{np.percentile(times, 95, method='nearest'):8.1f}{max(times):8.1f}")
     finally:
         engines["process"].close()
     return 0
@@ -93,8 +92,3 @@ def keep_interpreter_busy(stop: threading.Event) -> None:
     while not stop.is_set():
         json.loads(json.dumps(message))
         sum(i * i for i in range(100))
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]

@@ -96,21 +96,19 @@ def _idlers_main(port: int, count: int, go, results) -> None:
     results.put(closed)
 
 
-class Attackers:
-    """A process running ``main(*args, go, results)``, started (and made ready) before the flood."""
+SPAWN = multiprocessing.get_context("spawn")
 
-    def __init__(self, main, *args, seconds: float) -> None:
-        context = multiprocessing.get_context("spawn")
-        self.seconds = seconds
-        self.go, self.results = context.Event(), context.Queue()
-        self.process = context.Process(target=main, args=(*args, self.go, self.results), daemon=True)
+
+class ChildProcess:
+    """``main(*args, results)`` in a spawned process of its own; it answers through ``results``."""
+
+    def __init__(self, main, *args) -> None:
+        self.results = SPAWN.Queue()
+        self.process = SPAWN.Process(target=main, args=(*args, self.results), daemon=True)
         self.process.start()
-        assert self._get(120) == "ready"
 
-    def start(self) -> None:
-        self.go.set()
-
-    def _get(self, timeout: float):
+    def get(self, timeout: float):
+        """The next answer; fails at once if the process died without one."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.is_alive() or not self.results.empty(), f"exit code {self.process.exitcode}"
@@ -120,14 +118,31 @@ class Attackers:
                 pass
         raise AssertionError(f"no answer in {timeout:.0f} s")
 
-    def outcome(self):
-        """What the process reports once its part of the flood is over."""
+    def finish(self, timeout: float):
+        """The last answer, then the process is gone."""
         try:
-            return self._get(self.seconds + 120)
+            return self.get(timeout)
         finally:
             self.process.join(10)
             if self.process.is_alive():
                 self.process.kill()
+
+
+class Attackers(ChildProcess):
+    """A process running ``main(*args, go, results)``, started (and made ready) before the flood."""
+
+    def __init__(self, main, *args, seconds: float) -> None:
+        self.seconds = seconds
+        self.go = SPAWN.Event()
+        super().__init__(main, *args, self.go)
+        assert self.get(120) == "ready"
+
+    def start(self) -> None:
+        self.go.set()
+
+    def outcome(self):
+        """What the process reports once its part of the flood is over."""
+        return self.finish(self.seconds + 120)
 
 
 def _canary_main(url: str, frames, stop, results) -> None:
@@ -155,16 +170,13 @@ def _canary_main(url: str, frames, stop, results) -> None:
         results.put(("error", repr(exc)))
 
 
-class CanaryCall:
+class CanaryCall(ChildProcess):
     """A real-time call in a process of its own: neither the attackers nor this test's threads (such as the
     reader of the server's log) share its interpreter. Arrival times are CLOCK_MONOTONIC, shared by processes."""
 
     def __init__(self, url: str) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._frames, self._stop, self._results = context.Value("i", 0), context.Event(), context.Queue()
-        self.process = context.Process(target=_canary_main, args=(url, self._frames, self._stop, self._results),
-                                       daemon=True)
-        self.process.start()
+        self._frames, self._stop = SPAWN.Value("i", 0), SPAWN.Event()
+        super().__init__(_canary_main, url, self._frames, self._stop)
         self.arrivals: list[float] = []
 
     @property
@@ -174,10 +186,7 @@ class CanaryCall:
 
     def stop(self) -> None:
         self._stop.set()
-        try:
-            status, value = self._results.get(timeout=30)
-        finally:
-            self.process.join(10)
+        status, value = self.finish(30)
         assert status == "ok", value
         self.arrivals = value
 
