@@ -29,6 +29,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "engine": ("duplex.server.bench_engine", "engine step cost with few active slots on a big engine"),
     "engine-process": ("duplex.server.bench_engine_process",
                        "model step wall time, engine in the server's process vs a child, idle vs busy interpreter"),
+    "flood": ("duplex.server.bench_flood",
+              "idle connections and fast senders against a server: a real-time call's longest audio gap"),
     "lora": ("duplex.model.lora_bench", "a batch of slots on several LoRA adapters against the base model"),
     "finetune": ("duplex.model.finetune_bench", "one LoRA training step (forward, backward, AdamW)"),
 }

@@ -13,6 +13,11 @@ class FrameAssembler:
         self._chunks: list[np.ndarray] = []
         self._length = 0
 
+    @property
+    def pending(self) -> int:
+        """Samples held back (less than one frame)."""
+        return self._length
+
     def add(self, pcm: np.ndarray) -> list[np.ndarray]:
         """Append ``pcm`` ([N] float32); return every complete [frame_size] frame."""
         if pcm.size == 0:

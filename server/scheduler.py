@@ -185,19 +185,29 @@ class Scheduler:
         ``arrived`` (``time.perf_counter()`` when the frame reached the server; now when None) travels
         with the frame to the output of the step that consumes it (latency metric, lag clock).
         """
-        while True:
-            with self._cond:
-                if handle.closed:
-                    return
-                if len(handle.inbox) < self.inbox_frames:
-                    stamp = self.clock() if arrived is None else arrived
-                    handle.inbox.append(frame)
-                    handle.arrivals.append(stamp)
-                    handle.last_arrival = stamp
-                    self._cond.notify_all()
-                    return
-                handle.space.clear()
+        while not self.try_push(handle, frame, arrived):
             await handle.space.wait()
+
+    def try_push(self, handle: SlotHandle, frame: np.ndarray, arrived: float | None = None) -> bool:
+        """:meth:`push` without waiting: False (and ``handle.space`` cleared) when the inbox is full.
+        A closed handle takes (and drops) anything."""
+        with self._cond:
+            if handle.closed:
+                return True
+            if len(handle.inbox) < self.inbox_frames:
+                stamp = self.clock() if arrived is None else arrived
+                handle.inbox.append(frame)
+                handle.arrivals.append(stamp)
+                handle.last_arrival = stamp
+                self._cond.notify_all()
+                return True
+            handle.space.clear()
+            return False
+
+    def inbox_space(self, handle: SlotHandle) -> int:
+        """Frames the handle's inbox takes now without waiting (the worker only ever makes more room)."""
+        with self._cond:
+            return self.inbox_frames - len(handle.inbox)
 
     # ------------------------------------------------------------------ the worker thread
     def _run(self) -> None:

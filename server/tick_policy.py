@@ -17,6 +17,10 @@ either steps the slots it names or waits at most the time it says. The rules (RE
   time (after such a step of d seconds, the next one waits d * (1 / share - 1)), so that working off a
   backlog leaves the CPU and the interpreter to the sockets and Opus of everyone else. An on-time
   slot's frame never waits for that rest: it steps by the coalescing rule (with the behind slots).
+- Catch-up makes way: a step for behind slots alone does not start when a running slot's next frame
+  is due before that step would end (one step's compute from now); it waits for that frame (at most
+  one window past its due time, then the frame counts as late) and both step together. Otherwise an
+  on-time frame that arrives just after a catch-up step started would wait for that whole step.
 """
 
 from __future__ import annotations
@@ -81,10 +85,13 @@ class TickPolicy:
         step_now = TickDecision(ready=tuple(v.slot for v in ready))
         on_time = [v for v in ready if not self._behind(now, v)]
         if len(on_time) < len(ready):  # someone is behind
+            if not on_time:  # only backlog to work off: rest first, and make way for frames due meanwhile
+                resume = max(self.catch_up_not_before, self._make_way_until(now, slots))
+                if now < resume:
+                    return TickDecision(wait_s=resume - now)
+                return TickDecision(ready=step_now.ready, catch_up=True)
             if now >= self.catch_up_not_before:
                 return TickDecision(ready=step_now.ready, catch_up=True)
-            if not on_time:  # only backlog to work off: rest first
-                return TickDecision(wait_s=self.catch_up_not_before - now)
         deadline = min(v.oldest_arrival if v.oldest_arrival is not None else now for v in on_time) + self.window
         if now >= deadline or not any(self._due_before(now, v, deadline) for v in slots if v.queued == 0):
             return step_now
@@ -94,10 +101,21 @@ class TickPolicy:
         return view.queued > 1 or (view.oldest_arrival is not None
                                    and now - view.oldest_arrival >= self.frame_seconds)
 
+    def _make_way_until(self, now: float, slots: list[SlotView]) -> float:
+        """Until when a step for behind slots alone must wait: the latest give-up time (due + window) of
+        the running slots whose next frame is due before such a step, started now, would end."""
+        until = float("-inf")
+        for view in slots:
+            if view.queued == 0 and self._running(now, view):
+                due = view.last_arrival + self.frame_seconds
+                if due <= now + self.step_estimate and now < due + self.window:
+                    until = max(until, due + self.window)
+        return until
+
+    def _running(self, now: float, view: SlotView) -> bool:
+        """The slot sent a frame recently (it is not paused)."""
+        return view.last_arrival is not None and now - view.last_arrival <= PAUSED_AFTER_FRAMES * self.frame_seconds
+
     def _due_before(self, now: float, view: SlotView, deadline: float) -> bool:
         """A running slot (not paused) whose next frame is due by ``deadline``: worth waiting for."""
-        if view.last_arrival is None:
-            return False
-        if now - view.last_arrival > PAUSED_AFTER_FRAMES * self.frame_seconds:
-            return False
-        return view.last_arrival + self.frame_seconds <= deadline
+        return self._running(now, view) and view.last_arrival + self.frame_seconds <= deadline

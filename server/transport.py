@@ -8,7 +8,10 @@ size limit is closed with 1009 but no kind-5 error. The subclasses below close t
 
 * :class:`DuplexHttpProtocol`: a request head must be complete within ``handshake_seconds`` of the
   connection (or of the previous response), else ``408`` and close; the head is at most
-  :data:`MAX_REQUEST_HEAD_BYTES` (h11 answers ``400`` beyond).
+  :data:`MAX_REQUEST_HEAD_BYTES` (h11 answers ``400`` beyond). A new connection's first bytes wait at
+  the handshake gate (:mod:`duplex.server.handshake_gate`, reading paused meanwhile), so that a burst
+  of connections is handled a few milliseconds per event-loop iteration; one still there at its
+  deadline is judged on what it sent.
 * :class:`DuplexWebSocketProtocol`: answers a request line / header that websockets refuses (414/431);
   refuses oversized messages with a kind-5 error before the 1009 close; hands invalid UTF-8 text to the
   app as text (which the session refuses with its kind-5 error) instead of logging a traceback; limits
@@ -35,6 +38,7 @@ from websockets.exceptions import PayloadTooBig
 from websockets.frames import Frame, Opcode
 
 from duplex.server import protocol
+from duplex.server.handshake_gate import gate_for
 from duplex.server.log_filters import FloodLogFilter, RedactQueryFilter, redact_query  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
@@ -79,6 +83,9 @@ class DuplexHttpProtocol(H11Protocol):
         super().connection_made(transport)
         self._head_timer = None
         self._arm_head_timer()
+        self._gate = gate_for(self.loop)
+        self._first_bytes: bytearray | None = None  # this connection's first bytes, while at the gate
+        self._passed_gate = False
 
     def _arm_head_timer(self) -> None:
         if self._head_timer is None:
@@ -93,6 +100,24 @@ class DuplexHttpProtocol(H11Protocol):
             self._head_timer = None
 
     def data_received(self, data: bytes) -> None:
+        if not self._passed_gate:  # a new connection's first request waits its turn (server/handshake_gate.py)
+            if self._first_bytes is None:
+                self._first_bytes = bytearray()
+                self.transport.pause_reading()  # the rest stays in the kernel until the gate lets it in
+                self._gate.enter(self)
+            self._first_bytes += data
+            return
+        self._handle_data(data)
+
+    def release_gate(self) -> None:
+        """The gate's turn for this connection: handle what it sent so far, and read on."""
+        data, self._first_bytes, self._passed_gate = self._first_bytes, None, True
+        if self.transport.is_closing():
+            return
+        self.transport.resume_reading()
+        self._handle_data(bytes(data))
+
+    def _handle_data(self, data: bytes) -> None:
         super().data_received(data)
         if self.transport.is_closing():
             self._disarm_head_timer()
@@ -115,10 +140,17 @@ class DuplexHttpProtocol(H11Protocol):
 
     def connection_lost(self, exc) -> None:
         self._disarm_head_timer()
+        if self._first_bytes is not None:  # closed at the gate: nobody is left to answer
+            self._gate.leave(self)
+            self._first_bytes = None
         super().connection_lost(exc)
 
     def _head_timeout(self) -> None:
         self._head_timer = None
+        if self._first_bytes is not None:  # still at the gate: judge what the client did send, now
+            self._gate.leave(self)
+            self.release_gate()
+            self._disarm_head_timer()  # the deadline has passed: a partial head gets no new one
         if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
             return
         if self.cycle is not None and not self.cycle.response_complete:

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import socket
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,26 +23,12 @@ def spawn_serve(*args: str, wait_s: float = 60.0) -> tuple[subprocess.Popen, int
     logged, and its log lines (read on, in a thread). Fails the test, with the log, when it does not start."""
     import pytest
 
-    argv = [sys.executable, "-m", "duplex.cli", "serve", *args]
-    process = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    lines: list[str] = []
-    port: list[int] = []
-    found = threading.Event()
+    from duplex.server.bench_flood import start_serve
 
-    def read_log() -> None:
-        for line in process.stderr:
-            lines.append(line)
-            match = re.search(r"duplex listening on \S+ port (\d+)", line)
-            if match and not port:
-                port.append(int(match.group(1)))
-                found.set()
-        found.set()
-
-    threading.Thread(target=read_log, daemon=True).start()
-    if not found.wait(wait_s) or not port:
-        process.kill()
-        pytest.fail("duplex serve did not start:\n" + "".join(lines))
-    return process, port[0], lines
+    try:
+        return start_serve(*args, wait_s=wait_s)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 def load_tiny_models(fixtures_dir: Path, tokenizer_path: Path):

@@ -43,9 +43,10 @@ def test_a_paused_neighbour_is_not_waited_for():
 
 
 def test_a_slot_with_a_backlog_steps_at_once_as_catch_up():
-    decision = policy(step_s=0.05).decide(1.0, [SlotView(0, 3, 0.9, 1.0), SlotView(1, 0, None, 0.93)])
+    # (the neighbour's next frame is due at 1.06, after such a step would end: see the make-way test)
+    decision = policy(step_s=0.05).decide(1.0, [SlotView(0, 3, 0.9, 1.0), SlotView(1, 0, None, 0.98)])
     assert decision.ready == (0,) and decision.catch_up
-    old = policy(step_s=0.05).decide(1.0, [SlotView(0, 1, 0.919, 0.919), SlotView(1, 0, None, 0.95)])
+    old = policy(step_s=0.05).decide(1.0, [SlotView(0, 1, 0.919, 0.919), SlotView(1, 0, None, 0.98)])
     assert old.ready == (0,) and old.catch_up  # its only frame waited a whole period
 
 
@@ -183,3 +184,32 @@ def test_the_catch_up_share_bounds_the_work_off_rate_in_simulation():
         p.observe_step(0.04, end=now, catch_up=decision.catch_up)
         queued, steps = queued - 1, steps + 1
     assert steps == 100 and now == pytest.approx(100 * 0.04 / 0.8, rel=0.02)
+
+
+def test_a_backlog_makes_way_for_an_on_time_frame_due_during_its_step():
+    p = policy(step_s=0.03)
+    backlog = SlotView(slot=0, queued=20, oldest_arrival=0.5, last_arrival=0.5)
+    steady = SlotView(slot=1, queued=0, oldest_arrival=None, last_arrival=0.98)  # next frame due at 1.06
+    assert p.decide(1.02, [backlog, steady]).catch_up  # the step would end at 1.05: before it is due
+    held = p.decide(1.04, [backlog, steady])  # a step now would end after 1.06: wait for that frame
+    assert held.ready == () and held.wait_s == pytest.approx(1.06 + 0.03 - 1.04)
+    assert p.decide(1.0901, [backlog, steady]).catch_up  # late by more than a window: no longer waited for
+    arrived = SlotView(slot=1, queued=1, oldest_arrival=1.06, last_arrival=1.06)
+    assert p.decide(1.06, [backlog, arrived]) == TickDecision(ready=(0, 1), catch_up=True)
+    paused = SlotView(slot=1, queued=0, oldest_arrival=None, last_arrival=1.04 - 3 * F)
+    assert p.decide(1.04, [backlog, paused]).catch_up  # a paused neighbour is not waited for
+
+
+def test_simulated_backlog_never_delays_a_steady_neighbour_and_is_still_worked_off():
+    """Steps as long as 3/8 of a frame period: without making way, the steady slot's frames would often
+    arrive during a catch-up step and wait for it."""
+    step = 0.03
+    steady = real_time(80, 0.0)
+    backlog = [0.5] * 40 + real_time(30, 0.5 + 40 * F)  # 40 frames at once, then real time
+    records, _ = simulate({0: steady, 1: backlog}, step)
+    assert [a for a, _ in records[1]] == backlog and [a for a, _ in records[0]] == steady
+    worked_off = records[1][39][1]  # the start of the backlog's last step
+    assert worked_off - 0.5 <= 40 * F / 2 + F  # at least two of its frames per frame period
+    during = [start - arrival for arrival, start in records[0] if 0.5 <= arrival <= worked_off]
+    assert len(during) > 15 and max(during) <= 1e-9  # never waits: the engine is free whenever it is due
+    assert max(waits(records, 0)) <= step + 1e-9  # (and the coalescing rule's bound holds throughout)

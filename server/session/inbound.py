@@ -3,7 +3,9 @@
 The *reader* reads the socket continuously, parses each message (:mod:`duplex.server.protocol`) and
 keeps kind-1 Ogg/Opus messages, undecoded, in a receive buffer bounded in bytes
 (:data:`RECEIVE_BUFFER_BYTES`, about 8 minutes of audio at 32 kbit/s); the *feeder* decodes them,
-cuts them into 80 ms frames and pushes those to the scheduler, which applies backpressure. So the
+cuts them into 80 ms frames and pushes those to the scheduler, which applies backpressure (when the
+buffer is empty and the slot's inbox has room, the reader does that itself, without the feeder's
+event-loop iteration: the common case of a real-time client). So the
 socket is read (pongs, hang-ups) even while the model is far behind a client faster than real time.
 Only a client more than the buffer ahead is throttled (the reader stops reading); since the
 transport's keepalive cannot see pongs then, such a client is ended with a kind-5 error after
@@ -59,6 +61,7 @@ class Inbound:
         self.opus_in = sphn.OpusStreamReader(self.service.sample_rate)
         self.frames = FrameAssembler(self.service.frame_size)
         self.discarded_bytes = 0  # audio bytes received while queued and never decoded
+        self.feeding = False  # the feeder is decoding or pushing a message (see on_message)
         self._headers: list[bytes] = []  # Opus header pages received while queued
 
     def parse(self, message: dict) -> protocol.Message:
@@ -145,12 +148,31 @@ class Inbound:
         parsed = self.parse(message)
         if parsed.kind is MessageKind.AUDIO:
             seconds = self.audio_seconds(parsed.payload)  # checked before it is buffered
+            if self._can_feed_now(seconds):
+                # Nothing waits before it and the scheduler has room: decode and push it now. Through the
+                # buffer it would wait for the feeder's turn, one more event-loop iteration (tens of
+                # milliseconds while the loop is busy, e.g. in a connection flood).
+                await self._feed(parsed.payload, time.perf_counter())
+                return
             self.received.put_nowait((parsed.payload, time.perf_counter(), seconds))
             self.received_bytes += len(parsed.payload)
             self.received_seconds += seconds
             if self.received_bytes > self.buffer_bytes:
                 await self._throttled()
         # control, ping, client-sent handshake/text/metadata/error and unknown kinds: ignored
+
+    def _can_feed_now(self, seconds: float) -> bool:
+        """The feeder is idle with nothing buffered, and the slot's inbox has room for every frame a message
+        of ``seconds`` can complete (so that pushing it does not wait)."""
+        if self.feeding or not self.received.empty():
+            return False
+        samples = self.frames.pending + int(np.ceil(seconds * self.service.sample_rate))
+        return self.service.scheduler.inbox_space(self.session.handle) > samples // self.service.frame_size
+
+    async def _feed(self, ogg: bytes, arrived: float) -> None:
+        """Decode one message and push the frames it completes (waiting while the slot's inbox is full)."""
+        for frame in self.frames.add(self.decode(ogg)):
+            await self.service.scheduler.push(self.session.handle, frame, arrived)
 
     async def _throttled(self) -> None:
         """Stop reading until the feeder made room; end the session if that takes too long."""
@@ -174,8 +196,9 @@ class Inbound:
                 self.received_seconds -= seconds
                 if self.received_bytes <= self.buffer_bytes:
                     self.space.set()
-                for frame in self.frames.add(self.decode(ogg)):
-                    await self.service.scheduler.push(session.handle, frame, arrived)
+                self.feeding = True
+                await self._feed(ogg, arrived)
+                self.feeding = False
         except ProtocolError as exc:
             session.finish("bad_input", str(exc))
         except Exception as exc:  # noqa: BLE001 - ends only this session

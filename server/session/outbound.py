@@ -1,5 +1,9 @@
 """A session's way out: Opus encode, the bounded outbox, the sender, and the slow-client rule.
 
+A message is sent at once, from the callback that produced it, when nothing waits before it (the outbox
+is empty and the sender idle; see :mod:`duplex.server.session.eager`); otherwise it joins the outbox and
+the sender sends it in order. Sending at once saves the sender's event-loop iteration on every audio page.
+
 A model frame counts as sent (``duplex_frames_out``) once the send of the Ogg page carrying it
 completed; frames still unsent when the session ends count as dropped (out). Latency: the arrival
 stamp of the user frame a step consumed is observed when the page carrying its output was sent (a
@@ -19,6 +23,7 @@ import sphn
 
 from duplex.server import protocol
 from duplex.server.protocol import MessageKind
+from duplex.server.session.eager import start_eagerly
 from duplex.server.session.transport import find_transport, unsent_bytes
 
 logger = logging.getLogger(__name__)
@@ -48,6 +53,9 @@ class Outbound:
         self.bytes_written = 0  # websocket bytes handed to the transport (payload + frame header)
         self.pages_in_flight: deque[int] = deque()  # end offset of each audio page sent, maybe unread
         self.last_audio_sent: float | None = None  # perf_counter() when the last audio page was sent
+        self.on_gone: Callable[[], None] | None = None  # set by send_loop: sends may start at once from then
+        self.sender_busy = False  # the sender is sending an outbox item
+        self.sending: asyncio.Future | None = None  # the rest of a send started at once that had to wait
 
     def record_written(self, data: bytes) -> None:
         """Count one message handed to the transport (the websocket header of a server frame: 2-10 bytes)."""
@@ -85,11 +93,9 @@ class Outbound:
         self.unpaged_frames += 1
         ogg = self.opus_out.append_pcm(pcm)
         if ogg:
-            self.enqueue(protocol.encode_audio(ogg), self.unsent_arrivals, self.unpaged_frames)
-            self.unsent_arrivals = []
-            self.audio_queued += 1
-            self.frames_unsent += self.unpaged_frames
-            self.unpaged_frames = 0
+            frames, self.unpaged_frames = self.unpaged_frames, 0
+            arrivals, self.unsent_arrivals = self.unsent_arrivals, []
+            self.enqueue(protocol.encode_audio(ogg), arrivals, frames)
         piece = self.service.text_piece(text_id)
         if piece:
             self.enqueue(protocol.encode_text(piece))
@@ -97,37 +103,67 @@ class Outbound:
             self.enqueue(protocol.encode_metadata({"type": "tokens", "tokens": tokens.tolist()}))
 
     def enqueue(self, data: bytes, arrivals: list[float] | None = None, frames: int = 0) -> None:
-        """Queue one message for the sender (counted against the slow-client limit); ``frames``: the
-        model frames an audio message carries (counted as sent once it is)."""
+        """Send one message now if nothing waits before it, else queue it for the sender (counted against
+        the slow-client limit); ``frames``: the model frames an audio message carries (counted as sent
+        once it is)."""
+        self.frames_unsent += frames
+        if self.on_gone is not None and not self.sender_busy and self.sending is None and self.outbox.empty():
+            self.sending = start_eagerly(self._send(data, arrivals or [], frames))
+            if self.sending is not None:  # it has to wait (the transport is not writable): later ones queue
+                self.sending.add_done_callback(self._eager_send_done)
+            return
         self.outbox.put_nowait((data, arrivals or [], frames))
         self.queued += 1
+        if data[0] == MessageKind.AUDIO:
+            self.audio_queued += 1
+
+    def _eager_send_done(self, task: asyncio.Future) -> None:
+        if self.sending is task:
+            self.sending = None
 
     async def send_loop(self, on_gone: Callable[[], None]) -> None:
         """The sender: outbox -> socket, until a None item or the client is gone."""
-        while True:
-            item = await self.outbox.get()
-            if item is None:
-                return
-            data, arrivals, frames = item
-            self.queued -= 1
-            if data[0] == MessageKind.AUDIO:
-                self.audio_queued -= 1
-            try:
-                await self.session.send_now(data)
-            except Exception:  # noqa: BLE001 - the client went away (its frames count as dropped)
-                logger.debug("session %s: send failed", self.session.id, exc_info=True)
-                on_gone()
-                return
-            if data[0] == MessageKind.AUDIO:
-                self._note_audio_sent()
-            if frames:
-                self.frames_unsent -= frames
-                self.session.record.frames_out += frames
-                self.service.metrics.frames_out.inc(frames)
-            if arrivals:
-                sent = time.perf_counter()
-                for arrived in arrivals:
-                    self.service.metrics.observe_frame_latency(sent - arrived)
+        self.on_gone = on_gone
+        try:
+            while True:
+                item = await self.outbox.get()
+                self.sender_busy = True
+                if self.sending is not None:  # a send started at once is still going: keep the order
+                    await asyncio.wait([self.sending])
+                if item is None:
+                    return
+                data, arrivals, frames = item
+                self.queued -= 1
+                if data[0] == MessageKind.AUDIO:
+                    self.audio_queued -= 1
+                if not await self._send(data, arrivals, frames):
+                    return
+                self.sender_busy = False
+        finally:
+            self.on_gone = None  # the sender is gone: nothing starts at once any more either
+            if self.sending is not None:
+                self.sending.cancel()
+
+    async def _send(self, data: bytes, arrivals: list[float], frames: int) -> bool:
+        """Send one message and count it; False (and the session told) when the client is gone."""
+        try:
+            await self.session.send_now(data)
+        except Exception:  # noqa: BLE001 - the client went away (its frames count as dropped)
+            logger.debug("session %s: send failed", self.session.id, exc_info=True)
+            if self.on_gone is not None:
+                self.on_gone()
+            return False
+        if data[0] == MessageKind.AUDIO:
+            self._note_audio_sent()
+        if frames:
+            self.frames_unsent -= frames
+            self.session.record.frames_out += frames
+            self.service.metrics.frames_out.inc(frames)
+        if arrivals:
+            sent = time.perf_counter()
+            for arrived in arrivals:
+                self.service.metrics.observe_frame_latency(sent - arrived)
+        return True
 
     def _note_audio_sent(self) -> None:
         now = time.perf_counter()
