@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import queue
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ import numpy as np
 SPAWN = multiprocessing.get_context("spawn")
 ATTACKER_NICE = 10  # the attackers' priority: other machines' CPU is not the server's
 SENDER_FRAMES = 400  # 80 ms frames each fast sender sends (32 s of audio)
+ANSWER_WAIT_SECONDS = 15.0  # once all idle connections are open, how long they wait for their answers
 
 
 def encoded_stream(frames: int) -> list[bytes]:
@@ -84,37 +86,45 @@ def senders_main(url: str, senders: int, seconds: float, go, results) -> None:
     results.put(outcome)
 
 
-def idlers_main(host: str, port: int, count: int, go, results) -> None:
+def idlers_main(host: str, port: int, count: int, tls: bool, go, results) -> None:
     """The idle connections' process: open them all, then collect each one's answer (408 and close?)."""
     os.nice(ATTACKER_NICE)
     results.put("ready")
     go.wait()
-    sockets = open_idle(host, port, count)
-    answered = [answered_and_closed(sock) for sock in sockets]
+    sockets = open_idle(host, port, count, tls)
+    deadline = time.monotonic() + ANSWER_WAIT_SECONDS
+    answered = [answered_and_closed(sock, deadline) for sock in sockets]
     for sock in sockets:
         sock.close()
     results.put(answered)
 
 
-def open_idle(host: str, port: int, count: int) -> list[socket.socket]:
-    """``count`` connections; every other one sends half a request head, the rest nothing."""
+def open_idle(host: str, port: int, count: int, tls: bool = False) -> list[socket.socket]:
+    """``count`` connections (TLS ones for a wss:// server); every other one sends half a request head, the
+    rest nothing."""
+    context = ssl.create_default_context() if tls else None
     sockets = []
     for i in range(count):
         sock = socket.create_connection((host, port), timeout=10)
+        if context is not None:
+            sock = context.wrap_socket(sock, server_hostname=host)
         if i % 2:
             sock.sendall(b"GET /api/chat HTTP/1.1\r\nHost: x\r\n")  # half a request head
         sockets.append(sock)
     return sockets
 
 
-def answered_and_closed(sock: socket.socket, timeout: float = 5.0) -> bool:
-    """Whether the server answered 408 and closed (within ``timeout`` of the call)."""
-    sock.settimeout(timeout)
+def answered_and_closed(sock: socket.socket, deadline: float) -> bool:
+    """Whether the server answered 408 and closed by ``deadline`` (time.monotonic())."""
     data = b""
     try:
-        while chunk := sock.recv(4096):
+        while True:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
             data += chunk
-    except (socket.timeout, ConnectionResetError):
+    except (OSError, ssl.SSLError):  # a timeout, a reset, a TLS error: not a clean 408
         return False
     return data.startswith(b"HTTP/1.1 408")
 
@@ -281,25 +291,38 @@ async def wait_until(condition, timeout: float) -> None:
 async def run_flood(url: str, host: str, port: int, idle: int, senders: int, seconds: float,
                     measure=None, api_key: str | None = None) -> FloodReport:
     """Warm the server up with one call, then flood it while the canary talks. ``measure()`` (if given) is
-    called before the flood and 2 s after it; its results are in ``report.measured``."""
-    warm = CanaryCall(url, api_key)
-    await wait_until(lambda: warm.frames > 10, 60)
-    await asyncio.to_thread(warm.stop)
-    await asyncio.sleep(1.0)
-    measured = {"before": measure() if measure else None}
-    flooders = await asyncio.to_thread(Attackers, senders_main, url, senders, seconds, seconds=seconds)
-    idlers = await asyncio.to_thread(Attackers, idlers_main, host, port, idle, seconds=seconds)
-    call = CanaryCall(url, api_key)
-    await wait_until(lambda: call.frames > 5, 60)
-    start = time.monotonic()
-    idlers.start()
-    flooders.start()
-    answered = await asyncio.to_thread(idlers.outcome)
-    outcome = await asyncio.to_thread(flooders.outcome)
-    end = time.monotonic()
-    await asyncio.sleep(1.0)
-    await asyncio.to_thread(call.stop)
-    await asyncio.sleep(2.0)
-    measured["after"] = measure() if measure else None
+    called before the flood and 2 s after it; its results are in ``report.measured``. Every process it
+    started is gone when it returns or raises."""
+    children: list[ChildProcess] = []
+
+    def started(child: ChildProcess) -> ChildProcess:
+        children.append(child)
+        return child
+
+    try:
+        warm = started(CanaryCall(url, api_key))
+        await wait_until(lambda: warm.frames > 10, 60)
+        await asyncio.to_thread(warm.stop)
+        await asyncio.sleep(1.0)
+        measured = {"before": measure() if measure else None}
+        flooders = started(await asyncio.to_thread(Attackers, senders_main, url, senders, seconds, seconds=seconds))
+        idlers = started(await asyncio.to_thread(Attackers, idlers_main, host, port, idle, url.startswith("wss:"),
+                                                 seconds=seconds))
+        call = started(CanaryCall(url, api_key))
+        await wait_until(lambda: call.frames > 5, 60)
+        start = time.monotonic()
+        idlers.start()
+        flooders.start()
+        answered = await asyncio.to_thread(idlers.outcome)
+        outcome = await asyncio.to_thread(flooders.outcome)
+        end = time.monotonic()
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(call.stop)
+        await asyncio.sleep(2.0)
+        measured["after"] = measure() if measure else None
+    finally:
+        for child in children:
+            if child.process.is_alive():
+                child.process.kill()
     kept = [t for t in call.arrivals if start - 1.0 <= t <= end + 1.0]  # the flood and its aftermath
     return FloodReport(end - start, outcome, answered, kept, measured)

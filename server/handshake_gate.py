@@ -34,12 +34,14 @@ class Gated(Protocol):
 
 
 class HandshakeGate:
-    """First bytes of new connections, handled FIFO, at most about ``budget`` seconds per loop iteration."""
+    """First bytes of new connections, handled FIFO, at most about ``budget`` seconds per loop iteration
+    (the app's answer to a released request runs in tasks of its own, after this callback)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, budget: float = BUDGET_SECONDS) -> None:
-        self.loop = loop
+        self._loop = weakref.ref(loop)  # the gate lives as long as its loop, not longer (see gate_for)
         self.budget = budget
         self.waiting: deque[Gated] = deque()
+        self.gone: set[int] = set()  # ids of waiting connections that left (skipped when their turn comes)
         self.scheduled = False
         self.peak = 0  # most connections waiting at once (for tests and diagnostics)
 
@@ -47,27 +49,35 @@ class HandshakeGate:
         """Queue ``connection``; its :meth:`release_gate` is called from a later loop callback."""
         self.waiting.append(connection)
         self.peak = max(self.peak, len(self.waiting))
-        if not self.scheduled:
-            self.scheduled = True
-            self.loop.call_soon(self._release_some)
+        self._schedule()
 
     def leave(self, connection: Gated) -> None:
         """Forget ``connection`` (it closed, or was released early): it is not released again."""
-        try:
-            self.waiting.remove(connection)
-        except ValueError:
-            pass
+        if self.waiting and self.waiting[-1] is connection:  # the newest: at once
+            self.waiting.pop()
+        else:
+            self.gone.add(id(connection))
+
+    def _schedule(self) -> None:
+        loop = self._loop()
+        if not self.scheduled and self.waiting and loop is not None and not loop.is_closed():
+            self.scheduled = True
+            loop.call_soon(self._release_some)  # behind what became ready meanwhile (e.g. audio)
 
     def _release_some(self) -> None:
         self.scheduled = False
         deadline = time.perf_counter() + self.budget
-        while self.waiting:
-            self.waiting.popleft().release_gate()
-            if time.perf_counter() >= deadline:
-                break
-        if self.waiting:
-            self.scheduled = True
-            self.loop.call_soon(self._release_some)  # behind what became ready meanwhile (e.g. audio)
+        try:
+            while self.waiting and time.perf_counter() < deadline:
+                connection = self.waiting.popleft()
+                if self.gone and id(connection) in self.gone:
+                    self.gone.discard(id(connection))
+                    continue
+                connection.release_gate()
+        finally:  # even if a release raised: the others get their turn
+            if not self.waiting:
+                self.gone.clear()
+            self._schedule()
 
 
 _GATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

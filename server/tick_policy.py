@@ -20,7 +20,10 @@ either steps the slots it names or waits at most the time it says. The rules (RE
 - Catch-up makes way: a step for behind slots alone does not start when a running slot's next frame
   is due before that step would end (one step's compute from now); it waits for that frame (at most
   one window past its due time, then the frame counts as late) and both step together. Otherwise an
-  on-time frame that arrives just after a catch-up step started would wait for that whole step.
+  on-time frame that arrives just after a catch-up step started would wait for that whole step. It
+  makes way only while such a step ran in the last frame period: a backlog always gets one step of its
+  own per period besides the shared ones, so it is worked off even when steps are too long (over half
+  a period) for one to fit between on-time frames; then on-time frames wait as without this rule.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class TickPolicy:
         self.smoothing = smoothing
         self.catch_up_share = catch_up_share
         self.catch_up_not_before = float("-inf")  # the next step for behind slots only may start then
+        self.last_solo_catch_up = float("-inf")  # when the last step for behind slots alone was decided
         self._observed = False
 
     def observe_step(self, seconds: float, end: float | None = None, catch_up: bool = False) -> None:
@@ -86,9 +90,12 @@ class TickPolicy:
         on_time = [v for v in ready if not self._behind(now, v)]
         if len(on_time) < len(ready):  # someone is behind
             if not on_time:  # only backlog to work off: rest first, and make way for frames due meanwhile
-                resume = max(self.catch_up_not_before, self._make_way_until(now, slots))
+                resume = self.catch_up_not_before
+                if now - self.last_solo_catch_up < self.frame_seconds:  # it had a step of its own lately
+                    resume = max(resume, self._make_way_until(now, slots))
                 if now < resume:
                     return TickDecision(wait_s=resume - now)
+                self.last_solo_catch_up = now
                 return TickDecision(ready=step_now.ready, catch_up=True)
             if now >= self.catch_up_not_before:
                 return TickDecision(ready=step_now.ready, catch_up=True)

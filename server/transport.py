@@ -48,6 +48,7 @@ KEEPALIVE_PING_SECONDS = 20.0  # the server's websocket keepalive ping interval
 KEEPALIVE_TIMEOUT_SECONDS = 20.0  # a pong must come within this (unless the server is not reading: see above)
 CLOSE_POLICY = 1008  # websocket close code "policy violation"
 HEAD_DEADLINE_SPREAD = 0.1  # request-head deadlines fall in [0.9, 1] x handshake_seconds
+LATE_READ_GRACE_SECONDS = 0.1  # a connection judged at the gate: time to read what its socket still holds
 READ_SLICE_BYTES = 16 * 1024  # bytes of websocket frames parsed per event-loop callback (about 80 messages)
 
 
@@ -112,10 +113,14 @@ class DuplexHttpProtocol(H11Protocol):
     def release_gate(self) -> None:
         """The gate's turn for this connection: handle what it sent so far, and read on."""
         data, self._first_bytes, self._passed_gate = self._first_bytes, None, True
-        if self.transport.is_closing():
+        if data is None or self.transport.is_closing():
             return
         self.transport.resume_reading()
-        self._handle_data(bytes(data))
+        try:
+            self._handle_data(bytes(data))
+        except Exception:  # noqa: BLE001 - as the transport would for data_received: this connection only
+            logger.exception("handling a new connection from %s failed", self.client)
+            self.transport.abort()
 
     def _handle_data(self, data: bytes) -> None:
         super().data_received(data)
@@ -147,10 +152,14 @@ class DuplexHttpProtocol(H11Protocol):
 
     def _head_timeout(self) -> None:
         self._head_timer = None
-        if self._first_bytes is not None:  # still at the gate: judge what the client did send, now
+        if self._first_bytes is not None:  # still at the gate: judge what the client sent, now
             self._gate.leave(self)
             self.release_gate()
-            self._disarm_head_timer()  # the deadline has passed: a partial head gets no new one
+            self._disarm_head_timer()  # the deadline has passed: a partial head gets no new one...
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                # ...but what waits unread in the kernel (reading was paused at the gate) still counts
+                self._head_timer = self.loop.call_later(LATE_READ_GRACE_SECONDS, self._head_timeout)
+                return
         if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
             return
         if self.cycle is not None and not self.cycle.response_complete:

@@ -76,21 +76,31 @@ def test_a_coroutine_that_waits_goes_on_in_a_task_with_its_result_and_errors():
     asyncio.run(main())
 
 
-def test_cancelling_the_task_ends_the_coroutine():
+def test_cancelling_the_task_ends_the_coroutine_as_a_task_would():
     async def main():
-        cleaned = []
+        seen = []
 
         async def work():
             try:
                 await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                seen.append("cancelled")
+                raise
             finally:
-                cleaned.append(True)
+                seen.append("finally")
 
         task = start_eagerly(work())
+        task.cancel()  # before the task's first step: the coroutine is closed (its finally runs)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert seen == ["finally"]
+        seen.clear()
+        task = start_eagerly(work())
+        await asyncio.sleep(0)  # the task now waits on the coroutine's own future
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert cleaned == [True]
+        assert seen == ["cancelled", "finally"]
 
     asyncio.run(main())
 
@@ -168,6 +178,8 @@ def test_a_failed_send_at_once_tells_the_session(models):
         await asyncio.sleep(0)
         session.outbound.enqueue(protocol.encode_audio(b"x"), frames=1)
         assert gone == [True] and session.outbound.frames_unsent == 1  # counted as dropped at the flush
+        session.outbound.enqueue(protocol.encode_text("more"))  # the client is gone: not tried again
+        assert gone == [True] and session.outbound.queued == 0
         sender.cancel()
 
     asyncio.run(main())
@@ -240,6 +252,45 @@ def test_audio_goes_through_the_buffer_in_order_when_anything_waits(models):
         for message in messages[8:]:  # the feeder is idle and the buffer empty: at once again
             await inbound.on_message(message)
         assert inbound.received.empty()
+        np.testing.assert_array_equal(np.stack(scheduler.pushed), reference_frames(messages))
+        feeder.cancel()
+
+    asyncio.run(main())
+
+
+class BlockingScheduler(RecordingScheduler):
+    """Its first push waits until ``unblock`` is set (the inbox was full), although room is reported."""
+
+    def __init__(self) -> None:
+        super().__init__(space=8)
+        self.unblock = asyncio.Event()
+        self.waited = False
+
+    async def push(self, handle, frame, arrived=None) -> None:
+        if not self.waited:
+            self.waited = True
+            await self.unblock.wait()
+        self.pushed.append(frame)
+
+
+def test_the_reader_never_overtakes_the_feeder_in_the_middle_of_a_push(models):
+    async def main():
+        scheduler = BlockingScheduler()
+        inbound = inbound_with(models, scheduler)
+        messages = audio_messages(12)
+        scheduler.space = 0
+        await inbound.on_message(messages[0])  # the inbox is full: it waits in the buffer
+        scheduler.space = 8
+        feeder = asyncio.ensure_future(inbound.feed_loop())
+        while not scheduler.waited:  # the feeder took it and is in its push
+            await asyncio.sleep(0)
+        assert inbound.feeding and inbound.received.empty()
+        for message in messages[1:]:  # nothing buffered and room reported, but the feeder is mid-push
+            await inbound.on_message(message)
+        assert inbound.received.qsize() == len(messages) - 1
+        scheduler.unblock.set()
+        while not inbound.received.empty() or inbound.feeding:
+            await asyncio.sleep(0)
         np.testing.assert_array_equal(np.stack(scheduler.pushed), reference_frames(messages))
         feeder.cancel()
 

@@ -213,3 +213,19 @@ def test_simulated_backlog_never_delays_a_steady_neighbour_and_is_still_worked_o
     during = [start - arrival for arrival, start in records[0] if 0.5 <= arrival <= worked_off]
     assert len(during) > 15 and max(during) <= 1e-9  # never waits: the engine is free whenever it is due
     assert max(waits(records, 0)) <= step + 1e-9  # (and the coalescing rule's bound holds throughout)
+
+
+@pytest.mark.parametrize("step, phases", [(0.05, [0.0]), (0.06, [0.0]), (0.03, [0.0, 0.04]), (0.02, [0.0, 0.027, 0.054])])
+def test_simulated_backlog_is_worked_off_even_when_no_step_of_its_own_fits_between_on_time_frames(step, phases):
+    """Steps over half a period, or neighbours at spread phases: making way for every on-time frame would leave
+    the backlog one shared step per period, its own arrival rate, for good. It still gets one step of its own
+    per period, and the neighbours keep the coalescing rule's bound."""
+    arrivals = {i: real_time(200, phase) for i, phase in enumerate(phases)}
+    backlog = [0.5] * 40 + real_time(150, 0.5 + F + 0.013)  # 40 frames held back come at once, then real time
+    slot = len(phases)
+    arrivals[slot] = backlog
+    records, _ = simulate(arrivals, step)
+    assert [a for a, _ in records[slot]] == backlog
+    assert max(waits(records, slot)[-10:]) <= step + 1e-9  # caught up: its last frames wait no more than a step
+    for neighbour in range(len(phases)):
+        assert max(waits(records, neighbour)) <= step + 1e-9

@@ -152,7 +152,13 @@ class Inbound:
                 # Nothing waits before it and the scheduler has room: decode and push it now. Through the
                 # buffer it would wait for the feeder's turn, one more event-loop iteration (tens of
                 # milliseconds while the loop is busy, e.g. in a connection flood).
-                await self._feed(parsed.payload, time.perf_counter())
+                try:
+                    await self._feed(parsed.payload, time.perf_counter())
+                except ProtocolError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - as in the feeder: ends only this session
+                    logger.exception("session %s: feeding the scheduler failed", self.session.id)
+                    self.session.finish("server_error", f"server error: {type(exc).__name__}")
                 return
             self.received.put_nowait((parsed.payload, time.perf_counter(), seconds))
             self.received_bytes += len(parsed.payload)

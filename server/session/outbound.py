@@ -56,6 +56,7 @@ class Outbound:
         self.on_gone: Callable[[], None] | None = None  # set by send_loop: sends may start at once from then
         self.sender_busy = False  # the sender is sending an outbox item
         self.sending: asyncio.Future | None = None  # the rest of a send started at once that had to wait
+        self.gone = False  # a send failed: the client is gone, nothing more is sent
 
     def record_written(self, data: bytes) -> None:
         """Count one message handed to the transport (the websocket header of a server frame: 2-10 bytes)."""
@@ -107,6 +108,8 @@ class Outbound:
         the slow-client limit); ``frames``: the model frames an audio message carries (counted as sent
         once it is)."""
         self.frames_unsent += frames
+        if self.gone:
+            return  # its frames count as dropped when the session ends
         if self.on_gone is not None and not self.sender_busy and self.sending is None and self.outbox.empty():
             self.sending = start_eagerly(self._send(data, arrivals or [], frames))
             if self.sending is not None:  # it has to wait (the transport is not writable): later ones queue
@@ -120,6 +123,8 @@ class Outbound:
     def _eager_send_done(self, task: asyncio.Future) -> None:
         if self.sending is task:
             self.sending = None
+        if not task.cancelled() and task.exception() is not None:  # _send catches Exception: this is a bug
+            logger.error("session %s: send failed", self.session.id, exc_info=task.exception())
 
     async def send_loop(self, on_gone: Callable[[], None]) -> None:
         """The sender: outbox -> socket, until a None item or the client is gone."""
@@ -150,6 +155,7 @@ class Outbound:
             await self.session.send_now(data)
         except Exception:  # noqa: BLE001 - the client went away (its frames count as dropped)
             logger.debug("session %s: send failed", self.session.id, exc_info=True)
+            self.gone = True
             if self.on_gone is not None:
                 self.on_gone()
             return False
