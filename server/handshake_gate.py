@@ -9,7 +9,8 @@ cost one iteration 100 ms or more. Every conversation's audio waits for that ite
 :class:`HandshakeGate` takes each connection's first bytes instead, with its reading paused, and handles
 them in one ready callback per loop iteration. That callback stops once it has spent
 :data:`BUDGET_SECONDS`, and it queues itself behind whatever became ready meanwhile. Audio delivery from
-the scheduler is one such callback, so it never waits behind more than one budget of handshakes. When
+the scheduler is one such callback, so it never waits behind more than one budget of handshakes (and
+the app's answers to the connections released, which run as tasks right after). When
 the loop has nothing else to do, the gate goes on at once, so a burst is still handled at full speed.
 
 Only a connection's first bytes pass the gate. Later requests on a keep-alive connection and websocket
