@@ -53,11 +53,8 @@ class HandshakeGate:
         self._schedule()
 
     def leave(self, connection: Gated) -> None:
-        """Forget ``connection`` (it closed, or was released early): it is not released again."""
-        if self.waiting and self.waiting[-1] is connection:  # the newest: at once
-            self.waiting.pop()
-        else:
-            self.gone.add(id(connection))
+        """Forget ``connection`` (it closed, or was released early): it is skipped when its turn comes."""
+        self.gone.add(id(connection))
 
     def _schedule(self) -> None:
         loop = self._loop()

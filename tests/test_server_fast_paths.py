@@ -119,19 +119,20 @@ class GatedWebSocket(ScriptedWebSocket):
         self.sent.append(data)
 
 
-async def started_sender(session: Session) -> asyncio.Future:
-    gone = []
+async def session_sending(models, ws) -> tuple[Session, asyncio.Future, list]:
+    """A session on ``ws`` with its sender running (and idle); the list fills when it reports the client gone."""
+    session = Session(ws, DuplexService(models, ServerSettings(max_sessions=1)))
+    gone: list = []
     sender = asyncio.ensure_future(session.outbound.send_loop(lambda: gone.append(True)))
     await asyncio.sleep(0)
     assert session.outbound.on_gone is not None
-    return sender
+    return session, sender, gone
 
 
 def test_output_is_written_from_the_callback_that_made_it_when_the_sender_is_idle(models):
     async def main():
         ws = GatedWebSocket()
-        session = Session(ws, DuplexService(models, ServerSettings(max_sessions=1)))
-        sender = await started_sender(session)
+        session, sender, _ = await session_sending(models, ws)
         out = session.outbound
         page = protocol.encode_audio(b"OggS page")
         out.enqueue(page, [0.0], frames=1)
@@ -146,8 +147,7 @@ def test_output_is_written_from_the_callback_that_made_it_when_the_sender_is_idl
 def test_output_keeps_its_order_when_a_send_has_to_wait(models):
     async def main():
         ws = GatedWebSocket()
-        session = Session(ws, DuplexService(models, ServerSettings(max_sessions=1)))
-        sender = await started_sender(session)
+        session, sender, _ = await session_sending(models, ws)
         out = session.outbound
         ws.hold.clear()  # not writable: the first send waits, the next ones queue behind it
         messages = [protocol.encode_audio(bytes([i]) * 10) for i in range(5)]
@@ -172,10 +172,7 @@ def test_output_keeps_its_order_when_a_send_has_to_wait(models):
 def test_a_failed_send_at_once_tells_the_session(models):
     async def main():
         ws = ScriptedWebSocket(frames=0, send_error=ConnectionError("gone"))
-        session = Session(ws, DuplexService(models, ServerSettings(max_sessions=1)))
-        gone = []
-        sender = asyncio.ensure_future(session.outbound.send_loop(lambda: gone.append(True)))
-        await asyncio.sleep(0)
+        session, sender, gone = await session_sending(models, ws)
         session.outbound.enqueue(protocol.encode_audio(b"x"), frames=1)
         assert gone == [True] and session.outbound.frames_unsent == 1  # counted as dropped at the flush
         session.outbound.enqueue(protocol.encode_text("more"))  # the client is gone: not tried again
